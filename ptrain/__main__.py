@@ -1,0 +1,4 @@
+from ptrain.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

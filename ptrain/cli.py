@@ -1,0 +1,82 @@
+"""``ptrain VERB [CONFIG.yaml] [dotted.key=value ...]`` — dispatch only.
+
+Each verb names its root config dataclass and its ``run(cfg)`` function as import strings, so that
+``ptrain`` and ``ptrain VERB --help`` never import torch, ray or deepspeed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ptrain.config import ConfigError, config_help, load_config
+
+# verb -> (config class, run function, one-line summary)
+VERBS: dict[str, tuple[str, str, str]] = {
+    "sample-data": (
+        "sharding.sample_data:SampleDataConfig",
+        "sharding.sample_data:run",
+        "generate a HowTo100M-style corpus of moving-shape videos + ASR captions",
+    ),
+    "shard": (
+        "sharding.config:ShardConfig",
+        "sharding.job:run",
+        "videos + timestamped captions -> WebDataset shards of JPEG frames (Ray)",
+    ),
+}
+
+
+def _resolve(ref: str):
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def usage() -> str:
+    width = max(len(v) for v in VERBS)
+    lines = ["usage: ptrain VERB [CONFIG.yaml] [dotted.key=value ...]", "", "verbs:"]
+    lines += [f"  {v.ljust(width)}  {VERBS[v][2]}" for v in VERBS]
+    lines += ["", "`ptrain VERB --help` lists the verb's keys with their defaults."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        import difflib
+
+        close = difflib.get_close_matches(verb, list(VERBS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"ptrain: unknown verb {verb!r}{hint}\n\n{usage()}", file=sys.stderr)
+        return 2
+    cfg_ref, run_ref, summary = VERBS[verb]
+    cfg_cls = _resolve(cfg_ref)
+    if any(a in ("-h", "--help") for a in rest):
+        print(f"ptrain {verb} [CONFIG.yaml] [dotted.key=value ...]\n\n{summary}\n\nkeys:")
+        print("\n".join(config_help(cfg_cls)))
+        return 0
+    stray = [a for a in rest if a.startswith("--")]
+    if stray:
+        print(
+            f"ptrain {verb}: unexpected flag {stray[0]!r}; config values are given as key=value. "
+            "(Under the deepspeed launcher pass --no_local_rank: ranks read LOCAL_RANK from the environment.)",
+            file=sys.stderr,
+        )
+        return 2
+    path = None
+    if rest and "=" not in rest[0]:
+        path, rest = rest[0], rest[1:]
+    try:
+        cfg = load_config(cfg_cls, path, rest)
+    except ConfigError as e:
+        print(f"ptrain {verb}: {e}", file=sys.stderr)
+        return 2
+    result = _resolve(run_ref)(cfg)
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

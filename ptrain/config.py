@@ -1,0 +1,340 @@
+"""Typed configs: dataclass defaults < YAML file < ``dotted.key=value`` overrides.
+
+Every verb declares one root dataclass whose fields are values or nested section dataclasses.
+A field's one-line doc and its choices live in ``field(metadata=...)`` via :func:`opt`.
+
+    cfg = load_config(ShardConfig, "configs/shard/howto100m.yaml", ["num_frames=8", "ray.address=auto"])
+
+Values are coerced to the declared type (PyYAML reads ``1e-4`` as a string and ``no`` as False, so a
+``float`` field accepts the string ``"1e-4"`` and a ``str`` field refuses a bare ``no``). Unknown keys,
+type errors and ``__post_init__`` failures are collected into ONE :class:`ConfigError` whose lines name
+the dotted path, where the value came from and, for unknown keys, the closest valid key.
+
+This module imports only the standard library and PyYAML, so ``ptrain VERB --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+_MISSING = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """All problems found while loading a config, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid config:\n  " + "\n  ".join(self.problems))
+
+
+def opt(default: Any = _MISSING, doc: str = "", *, factory: Any = _MISSING) -> Any:
+    """A dataclass field with a one-line doc (shown by ``ptrain VERB --help``)."""
+    if factory is not _MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"doc": doc})
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda d=default: dataclasses.replace(d), metadata={"doc": doc})
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def section(cls: type, doc: str = "") -> Any:
+    """A nested config section field."""
+    return dataclasses.field(default_factory=cls, metadata={"doc": doc})
+
+
+# ----------------------------------------------------------------------------------------------
+# type coercion
+
+
+class _CoerceError(Exception):
+    pass
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        inner = " or ".join(_type_name(a) for a in args)
+        return f"{inner} or null" if len(args) < len(get_args(tp)) else inner
+    if origin in (list, tuple):
+        args = get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices:
+            return value
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise _CoerceError(f"{value!r} is not {_type_name(tp)}{hint}")
+        raise _CoerceError(f"{value!r} is not {_type_name(tp)}")
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except _CoerceError as e:
+                errors.append(str(e))
+        raise _CoerceError(f"{value!r} is not {_type_name(tp)}")
+    if origin in (list, tuple):
+        (item_tp, *_) = get_args(tp) or (Any,)
+        if isinstance(value, str) and origin is list:
+            value = [value] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise _CoerceError(f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        items = [_coerce(v, item_tp) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _CoerceError(f"expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise _CoerceError(f"expected true or false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise _CoerceError(f"expected an integer, got bool {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise _CoerceError(f"expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise _CoerceError(f"expected a number, got bool {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                out = float(value)
+            except ValueError:
+                raise _CoerceError(f"expected a number, got str {value!r}") from None
+            if math.isnan(out):
+                raise _CoerceError("expected a number, got NaN")
+            return out
+        raise _CoerceError(f"expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _CoerceError(
+            f"expected a string, got {type(value).__name__} {value!r} (quote it in YAML: '{value}')"
+        )
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _CoerceError(f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _leaf_paths(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.append(prefix + f.name)
+            out.extend(_leaf_paths(tp, prefix + f.name + "."))
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _nest(dotted: dict[str, tuple[Any, str]]) -> dict[str, Any]:
+    """{'a.b': (v, src)} -> {'a': {'b': (v, src)}} with leaves kept as (value, source) pairs."""
+    root: dict[str, Any] = {}
+    for key, leaf in dotted.items():
+        parts = key.split(".")
+        node = root
+        for p in parts[:-1]:
+            child = node.get(p)
+            if not isinstance(child, dict):
+                child = {}
+                node[p] = child
+            node = child
+        node[parts[-1]] = leaf
+    return root
+
+
+def _flatten(data: Any, source: str, prefix: str = "") -> dict[str, tuple[Any, str]]:
+    out: dict[str, tuple[Any, str]] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                out.update(_flatten(v, source, key + "."))
+            else:
+                out[key] = (v, source)
+    return out
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str], all_paths: list[str]) -> Any:
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, leaf in values.items():
+        path = prefix + key
+        if key not in fields:
+            src = _source_of(leaf)
+            close = difflib.get_close_matches(path, all_paths, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid keys here: {', '.join(fields)}"
+            problems.append(f"{path}: unknown key (from {src}){hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if isinstance(leaf, dict):
+                kwargs[key] = _build(tp, leaf, path + ".", problems, all_paths)
+            elif isinstance(leaf, tuple) and leaf[0] is None:
+                continue  # `section:` with no body in YAML
+            else:
+                problems.append(f"{path}: is a section, set its keys as {path}.KEY=VALUE (from {_source_of(leaf)})")
+            continue
+        if isinstance(leaf, dict):
+            problems.append(f"{path}: expected {_type_name(tp)}, got a mapping (from {_source_of(leaf)})")
+            continue
+        value, src = leaf
+        try:
+            kwargs[key] = _coerce(value, tp)
+        except _CoerceError as e:
+            problems.append(f"{path}: {e} (from {src})")
+    for name, f in fields.items():
+        if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:
+            problems.append(f"{prefix}{name}: required, set it in the YAML file or as {prefix}{name}=VALUE")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        problems.append(f"{prefix.rstrip('.') or cls.__name__}: {e}")
+        return None
+
+
+def _source_of(leaf: Any) -> str:
+    if isinstance(leaf, tuple):
+        return leaf[1]
+    if isinstance(leaf, dict):
+        for v in leaf.values():
+            return _source_of(v)
+    return "?"
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, tuple[Any, str]]:
+    """``["a.b=1", "c=[1,2]"]`` -> ``{"a.b": (1, "command line"), ...}`` (values parsed as YAML)."""
+    out: dict[str, tuple[Any, str]] = {}
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError([f"{item!r}: an override must look like dotted.key=value (from command line)"])
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip()] = (value, "command line")
+    return out
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Build ``cls`` from its defaults, then the YAML file at ``path``, then ``overrides``."""
+    problems: list[str] = []
+    dotted: dict[str, tuple[Any, str]] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"{p}: config file not found; pass an existing YAML file or only key=value overrides"])
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{p}: not valid YAML: {e}"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"{p}: the top level must be a mapping of keys, got {type(data).__name__}"])
+        dotted.update(_flatten(data, str(p)))
+    dotted.update(parse_overrides(overrides or []))
+    all_paths = _leaf_paths(cls)
+    cfg = _build(cls, _nest(dotted), "", problems, all_paths)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def dump_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (what a run actually used); ``load_config`` reads it back."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(p)
+
+
+def config_help(cls: type, prefix: str = "") -> list[str]:
+    """One line per key: ``dotted.key  TYPE = DEFAULT  doc``."""
+    lines = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        doc = f.metadata.get("doc", "")
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{prefix}{f.name}.*  ({doc})" if doc else f"{prefix}{f.name}.*")
+            lines.extend(config_help(tp, prefix + f.name + "."))
+            continue
+        if f.default is not _MISSING:
+            default = f.default
+        elif f.default_factory is not _MISSING:
+            default = f.default_factory()
+        else:
+            default = "REQUIRED"
+        lines.append(f"  {prefix}{f.name}: {_type_name(tp)} = {default!r}  — {doc}")
+    return lines

@@ -1,0 +1,126 @@
+"""Config of `ptrain shard` (stdlib only, so `ptrain shard --help` is instant)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal, Optional
+
+from ptrain.config import opt, section
+
+
+@dataclass
+class PlanConfig:
+    """How timestamped ASR segments become clips and clips become frame timestamps."""
+
+    min_seconds: float = opt(5.0, "grow a clip by merging neighbouring segments until it lasts this long (UniVL: 5 s)")
+    min_words: int = opt(4, "... and until it has at least this many words")
+    max_seconds: float = opt(20.0, "never grow a clip beyond this duration; a longer single segment is cut to it")
+    max_gap_seconds: float = opt(4.0, "do not merge across a silence longer than this")
+    num_frames: int = opt(12, "frames per clip (the maximum in fps mode)")
+    sampling: Literal["uniform", "fps"] = opt(
+        "fps", "'uniform': num_frames timestamps spread over the clip; 'fps': one every 1/fps s, capped at num_frames"
+    )
+    fps: float = opt(1.0, "frames per second in fps mode (CLIP4Clip pretraining: 1)")
+    slice: Literal["head", "tail", "uniform"] = opt(
+        "uniform", "fps mode, clip with more than num_frames frames: keep the first, last or evenly spaced ones"
+    )
+    end_tolerance_seconds: float = opt(
+        1.0, "a clip ending more than this past the video's end is recorded as span_beyond_end and skipped"
+    )
+
+    def __post_init__(self):
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {self.num_frames}")
+        if self.fps <= 0:
+            raise ValueError(f"fps must be positive, got {self.fps}")
+        if self.max_seconds <= 0 or self.min_seconds < 0:
+            raise ValueError("min_seconds must be >= 0 and max_seconds > 0")
+        if self.min_seconds > self.max_seconds:
+            raise ValueError(
+                f"min_seconds ({self.min_seconds}) is larger than max_seconds ({self.max_seconds}); "
+                "lower min_seconds or raise max_seconds"
+            )
+
+
+@dataclass
+class RayConfig:
+    """Where the sharding tasks run."""
+
+    address: Optional[str] = opt(
+        None, "unset: start a local Ray (embedded default); 'auto' or 'ray://host:10001' joins a cluster"
+    )
+    num_cpus: Optional[int] = opt(None, "CPUs of the local Ray (unset: all); ignored when joining a cluster")
+    cpus_per_task: float = opt(1.0, "CPUs reserved by each task (one task decodes a group of videos)")
+
+    def __post_init__(self):
+        if self.cpus_per_task <= 0:
+            raise ValueError(f"cpus_per_task must be positive, got {self.cpus_per_task}")
+
+
+@dataclass
+class ShardConfig:
+    """`ptrain shard`: videos + timestamped captions -> WebDataset tars of JPEG frames."""
+
+    videos: str = opt("", "directory of <video_id>.<ext> files (mp4, webm, mkv, avi), searched recursively")
+    captions: str = opt("", "caption.json / raw_caption.json: {video_id: {start: [...], end: [...], text: [...]}}")
+    out: str = opt("", "output directory for the shards, sidecars, manifest.json and errors.jsonl")
+    video_list: Optional[str] = opt(None, "optional CSV (HowTo100M_v1.csv style, column video_id) selecting videos")
+    name: str = opt("shard", "shard file prefix: OUT/<name>-NNNNNN.tar")
+    min_seconds: float = opt(5.0, "grow a clip by merging neighbouring segments until it lasts this long (UniVL: 5 s)")
+    min_words: int = opt(4, "... and until it has at least this many words")
+    max_seconds: float = opt(20.0, "never grow a clip beyond this duration; a longer single segment is cut to it")
+    max_gap_seconds: float = opt(4.0, "do not merge across a silence longer than this")
+    num_frames: int = opt(12, "frames per clip (the maximum in fps mode)")
+    sampling: Literal["uniform", "fps"] = opt(
+        "fps", "'uniform': num_frames timestamps spread over the clip; 'fps': one every 1/fps s, capped at num_frames"
+    )
+    fps: float = opt(1.0, "frames per second in fps mode (CLIP4Clip pretraining: 1)")
+    slice: Literal["head", "tail", "uniform"] = opt(
+        "uniform", "fps mode, clip with more than num_frames frames: keep the first, last or evenly spaced ones"
+    )
+    end_tolerance_seconds: float = opt(
+        1.0, "a clip ending more than this past the video's end is recorded as span_beyond_end and skipped"
+    )
+    frame_size: int = opt(224, "resize so the short side is this many pixels")
+    center_crop: bool = opt(False, "also crop the long side to frame_size (square frames)")
+    jpeg_quality: int = opt(90, "JPEG quality of the stored frames")
+    max_samples_per_shard: int = opt(1000, "at most this many clips per shard")
+    shards_per_task: int = opt(4, "a task decodes a group of videos and writes this many shards (bounds its memory)")
+    decoder: Literal["pyav", "decord"] = opt("pyav", "video decoder; the other one is tried when the first fails")
+    decoder_threads: int = opt(1, "decoder threads per task (set explicitly; 0 lets FFmpeg use every core)")
+    video_timeout_s: float = opt(120.0, "per-video decode budget; a decode that takes longer is killed and recorded")
+    ray: RayConfig = section(RayConfig, "Ray cluster")
+    progress: bool = opt(True, "show a progress bar")
+
+    def plan_config(self) -> PlanConfig:
+        """The planning keys as their own section (what sharding.plan uses)."""
+        return PlanConfig(**{f.name: getattr(self, f.name) for f in fields(PlanConfig)})
+
+    def __post_init__(self):
+        problems = []
+        try:
+            self.plan_config()
+        except ValueError as e:
+            problems.append(str(e))
+        if not self.videos:
+            problems.append("videos is required (videos=DIR)")
+        if not self.captions:
+            problems.append("captions is required (captions=FILE)")
+        if not self.out:
+            problems.append("out is required (out=DIR)")
+        if self.frame_size < 8:
+            problems.append(f"frame_size must be at least 8, got {self.frame_size}")
+        if not 1 <= self.jpeg_quality <= 100:
+            problems.append(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.max_samples_per_shard < 1:
+            problems.append(f"max_samples_per_shard must be at least 1, got {self.max_samples_per_shard}")
+        if self.shards_per_task < 1:
+            problems.append(f"shards_per_task must be at least 1, got {self.shards_per_task}")
+        if self.video_timeout_s <= 0:
+            problems.append(f"video_timeout_s must be positive, got {self.video_timeout_s}")
+        if self.decoder_threads < 0:
+            problems.append(f"decoder_threads must be >= 0, got {self.decoder_threads}")
+        if not self.name or any(c in self.name for c in "/\\.") or self.name.startswith("-"):
+            problems.append(f"name must be a plain file prefix without '/', '\\' or '.', got {self.name!r}")
+        if problems:
+            raise ValueError("; ".join(problems))

@@ -1,0 +1,385 @@
+"""Captions -> clips -> frame timestamps -> shard assignment. Pure functions, no I/O beyond reading JSON/CSV.
+
+The plan is a pure function of (captions, video list, planning config): the same inputs give the same clips, the
+same frame timestamps, the same shard of every clip and the same ``plan_hash``. Nothing here touches a video.
+
+    segments = load_captions("caption.json")                # {video_id: [Segment, ...]}, validated
+    clips = plan_clips(segments["abc"], plan_cfg)           # [Clip(start, end, text, segments)]
+    times = clip_frame_times(clip.start, clip.end, plan_cfg) # target timestamps in seconds
+    groups = assign_shards(videos_with_clips, max_samples_per_shard, shards_per_task)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
+
+
+class CaptionError(ValueError):
+    """A malformed caption file: names the file, the video id and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
+class Clip:
+    start: float
+    end: float
+    text: str
+    segments: list[Segment] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# input files
+
+
+def load_captions(path: str | Path) -> dict[str, list[Segment]]:
+    """Read and validate a HowTo100M ``caption.json``; fail fast on the first malformed entry."""
+    p = Path(path)
+    if not p.is_file():
+        raise CaptionError(f"{p}: caption file not found; pass captions=FILE pointing at caption.json")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CaptionError(f"{p}: not valid UTF-8 JSON ({e}); expected {{video_id: {{start, end, text}}}}") from None
+    if not isinstance(data, dict):
+        raise CaptionError(f"{p}: the top level must be an object {{video_id: {{start, end, text}}}}, "
+                           f"got {type(data).__name__}")
+    out: dict[str, list[Segment]] = {}
+    for vid, entry in data.items():
+        where = f"{p}: video {vid!r}"
+        if not isinstance(entry, dict):
+            raise CaptionError(f"{where}: expected an object with start/end/text lists, got {type(entry).__name__}")
+        missing = [k for k in ("start", "end", "text") if k not in entry]
+        if missing:
+            raise CaptionError(f"{where}: missing key(s) {', '.join(missing)}")
+        starts, ends, texts = entry["start"], entry["end"], entry["text"]
+        if not all(isinstance(x, list) for x in (starts, ends, texts)):
+            raise CaptionError(f"{where}: start, end and text must be lists")
+        if not len(starts) == len(ends) == len(texts):
+            raise CaptionError(
+                f"{where}: start, end and text have different lengths ({len(starts)}, {len(ends)}, {len(texts)})"
+            )
+        segs = []
+        for i, (s, e, t) in enumerate(zip(starts, ends, texts)):
+            if isinstance(s, bool) or isinstance(e, bool) or not isinstance(s, (int, float)) \
+                    or not isinstance(e, (int, float)):
+                raise CaptionError(f"{where}: segment {i}: start/end must be numbers (seconds), got {s!r}, {e!r}")
+            if not (math.isfinite(s) and math.isfinite(e)) or s < 0:
+                raise CaptionError(f"{where}: segment {i}: times must be finite and >= 0, got {s!r}, {e!r}")
+            if e < s:
+                raise CaptionError(f"{where}: segment {i}: end {e} is before start {s}")
+            if t is None:
+                t = ""
+            if not isinstance(t, str):
+                raise CaptionError(f"{where}: segment {i}: text must be a string, got {type(t).__name__}")
+            segs.append(Segment(float(s), float(e), t))
+        out[str(vid)] = segs
+    return out
+
+
+def load_video_list(path: str | Path) -> list[str]:
+    """Video ids from a ``HowTo100M_v1.csv``-style file (a ``video_id`` column), in file order, unique."""
+    p = Path(path)
+    if not p.is_file():
+        raise CaptionError(f"{p}: video list not found; pass video_list=CSV or leave it unset")
+    with p.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "video_id" not in reader.fieldnames:
+            raise CaptionError(f"{p}: needs a header with a video_id column (HowTo100M_v1.csv style)")
+        ids = [row["video_id"].strip() for row in reader if row.get("video_id")]
+    return list(dict.fromkeys(ids))
+
+
+def find_videos(root: str | Path) -> dict[str, Path]:
+    """{video_id: path} for every ``<video_id>.<ext>`` under ``root`` (first extension in VIDEO_EXTENSIONS wins)."""
+    r = Path(root)
+    if not r.is_dir():
+        raise FileNotFoundError(f"{r}: video directory not found; pass videos=DIR")
+    found: dict[str, Path] = {}
+    for path in sorted(r.rglob("*")):
+        ext = path.suffix.lower()
+        if ext in VIDEO_EXTENSIONS and path.is_file():
+            vid = path.name[: -len(path.suffix)]
+            prev = found.get(vid)
+            if prev is None or VIDEO_EXTENSIONS.index(ext) < VIDEO_EXTENSIONS.index(prev.suffix.lower()):
+                found[vid] = path
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# keys
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def sanitize_id(video_id: str) -> str:
+    """A key-safe form of a video id: no dots (WebDataset splits keys at the first dot), no slashes, no '..'.
+
+    Unsafe characters become '-', and a short hash of the original is appended whenever anything changed, so two
+    different ids can never collide. The original id is kept in the sample's JSON.
+    """
+    safe = _UNSAFE.sub("-", video_id).strip("-") or "video"
+    if safe != video_id:
+        safe = f"{safe[:80]}-{hashlib.sha1(video_id.encode('utf-8')).hexdigest()[:8]}"
+    return safe
+
+
+def sample_key(video_id: str, clip_index: int) -> str:
+    return f"{sanitize_id(video_id)}_{clip_index:04d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# clips
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def clean_segments(segments: list[Segment]) -> list[Segment]:
+    """Undo YouTube rolling-ASR artefacts: sort, drop exact repeats, cut the repeated head of a segment that
+    re-shows the previous segment's tail, and remove time overlaps (a segment starts where the previous ends)."""
+    ordered = sorted(
+        (Segment(s.start, s.end, " ".join(_words(s.text.replace("\n", " ")))) for s in segments),
+        key=lambda s: (s.start, s.end, s.text),
+    )
+    out: list[Segment] = []
+    for seg in ordered:
+        if not seg.text:
+            continue
+        if out and seg.text == out[-1].text and seg.start < out[-1].end + 0.5:
+            # exact rolling repeat: keep one copy, spanning both
+            out[-1] = Segment(out[-1].start, max(out[-1].end, seg.end), out[-1].text)
+            continue
+        words = _words(seg.text)
+        if out:
+            prev = _words(out[-1].text)
+            # the longest tail of the previous text that is a head of this one
+            k = next((n for n in range(min(len(prev), len(words)), 0, -1) if prev[-n:] == words[:n]), 0)
+            words = words[k:]
+            if not words:  # fully repeated: it only extends the previous segment
+                out[-1] = Segment(out[-1].start, max(out[-1].end, seg.end), out[-1].text)
+                continue
+            start = max(seg.start, out[-1].end)
+            if start >= seg.end:  # swallowed in time by the previous segment: merge its new words into it
+                out[-1] = Segment(out[-1].start, max(out[-1].end, seg.end), out[-1].text + " " + " ".join(words))
+                continue
+            seg = Segment(start, seg.end, " ".join(words))
+        out.append(seg)
+    return out
+
+
+def plan_clips(
+    segments: list[Segment],
+    *,
+    min_seconds: float,
+    min_words: int,
+    max_seconds: float,
+    max_gap_seconds: float = math.inf,
+) -> list[Clip]:
+    """Clean the ASR segments, then grow clips left to right by merging neighbours until a clip lasts
+    ``min_seconds`` and has ``min_words`` words, never beyond ``max_seconds`` nor across a silence longer than
+    ``max_gap_seconds``. A too-short tail is merged into the previous clip when that stays within ``max_seconds``.
+    Clips with no text are dropped."""
+    clips: list[Clip] = []
+    current: list[Segment] = []
+
+    def emit(segs: list[Segment]) -> None:
+        text = " ".join(s.text for s in segs).strip()
+        if not text:
+            return
+        start, end = segs[0].start, max(s.end for s in segs)
+        end = min(end, start + max_seconds)
+        clips.append(Clip(start, end, text, list(segs)))
+
+    def satisfied(segs: list[Segment]) -> bool:
+        words = sum(len(_words(s.text)) for s in segs)
+        return segs[-1].end - segs[0].start >= min_seconds and words >= min_words
+
+    for seg in clean_segments(segments):
+        if current:
+            too_long = seg.end - current[0].start > max_seconds
+            too_far = seg.start - current[-1].end > max_gap_seconds
+            if too_long or too_far:
+                _close(current, clips, emit, satisfied, max_seconds, max_gap_seconds)
+                current = []
+        current.append(seg)
+        if satisfied(current):
+            emit(current)
+            current = []
+    if current:
+        _close(current, clips, emit, satisfied, max_seconds, max_gap_seconds)
+    return clips
+
+
+def _close(current, clips, emit, satisfied, max_seconds, max_gap_seconds) -> None:
+    """Emit a group that could not grow further; merge it into the previous clip when it is too small and fits."""
+    if not satisfied(current) and clips:
+        prev = clips[-1]
+        fits = current[-1].end - prev.start <= max_seconds and current[0].start - prev.end <= max_gap_seconds
+        if fits:
+            merged = prev.segments + current
+            clips[-1] = Clip(prev.start, max(s.end for s in merged), " ".join(s.text for s in merged), merged)
+            return
+    emit(current)
+
+
+# ----------------------------------------------------------------------------------------------
+# frame timestamps
+
+
+def clip_frame_times(
+    start: float, end: float, *, num_frames: int, sampling: str = "fps", fps: float = 1.0, slice: str = "uniform"
+) -> list[float]:
+    """Target timestamps (seconds, ascending) for one clip.
+
+    ``uniform``: ``num_frames`` times at the centres of equal parts of [start, end].
+    ``fps``: one time every 1/fps s from ``start`` (CLIP4Clip's 1 fps sampling), then, when there are more than
+    ``num_frames``, CLIP4Clip's ``slice_framepos``: keep the head, the tail, or evenly spaced ones.
+    """
+    duration = max(end - start, 0.0)
+    if sampling == "uniform":
+        step = duration / num_frames
+        return [start + (i + 0.5) * step for i in range(num_frames)]
+    if sampling != "fps":
+        raise ValueError(f"sampling must be 'uniform' or 'fps', got {sampling!r}")
+    count = int(math.floor(duration * fps + 1e-9))
+    # the centre of every whole 1/fps interval; a clip shorter than one interval gets its middle frame
+    times = [start + (i + 0.5) / fps for i in range(count)] if count else [start + duration / 2]
+    if len(times) <= num_frames:
+        return times
+    if slice == "head":
+        return times[:num_frames]
+    if slice == "tail":
+        return times[-num_frames:]
+    if slice != "uniform":
+        raise ValueError(f"slice must be 'head', 'tail' or 'uniform', got {slice!r}")
+    n = len(times)
+    # np.linspace(0, n - 1, num_frames, dtype=int), as CLIP4Clip does
+    idx = [int((n - 1) * i / (num_frames - 1)) if num_frames > 1 else 0 for i in range(num_frames)]
+    return [times[i] for i in idx]
+
+
+def select_frames(targets: list[float], frame_pts: list[float], start: float, end: float) -> list[int]:
+    """For each target time, the index of the frame on screen at that time (largest pts <= t), kept inside
+    [start, end]: a frame shown since before ``start`` is replaced by the first frame at or after ``start``.
+
+    ``frame_pts`` must be ascending. Returns -1 for a target with no frame inside the clip.
+    """
+    import bisect
+
+    out = []
+    first_inside = bisect.bisect_left(frame_pts, start - 1e-6)
+    for t in targets:
+        i = bisect.bisect_right(frame_pts, t + 1e-6) - 1
+        if i < first_inside:
+            i = first_inside
+        if i >= len(frame_pts) or frame_pts[i] > end + 1e-6:
+            out.append(-1)
+        else:
+            out.append(i)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# shard assignment
+
+
+@dataclass
+class PlannedClip:
+    video_id: str
+    clip_index: int
+    key: str
+    start: float
+    end: float
+    text: str
+    segments: list[dict]
+    targets: list[float]
+    shard: int = -1
+
+
+@dataclass
+class TaskPlan:
+    """One Ray task: decode these videos once, write these shards."""
+
+    task_index: int
+    videos: list[str]
+    shards: list[int]
+    clips: list[PlannedClip]
+
+
+def plan_video(video_id: str, segments: list[Segment], plan_cfg) -> list[PlannedClip]:
+    clips = plan_clips(
+        segments,
+        min_seconds=plan_cfg.min_seconds,
+        min_words=plan_cfg.min_words,
+        max_seconds=plan_cfg.max_seconds,
+        max_gap_seconds=plan_cfg.max_gap_seconds,
+    )
+    out = []
+    for i, c in enumerate(clips):
+        targets = clip_frame_times(
+            c.start, c.end, num_frames=plan_cfg.num_frames, sampling=plan_cfg.sampling, fps=plan_cfg.fps,
+            slice=plan_cfg.slice,
+        )
+        out.append(PlannedClip(video_id, i, sample_key(video_id, i), round(c.start, 6), round(c.end, 6), c.text,
+                               [asdict(s) for s in c.segments], [round(t, 6) for t in targets]))
+    return out
+
+
+def assign_shards(per_video: dict[str, list[PlannedClip]], max_samples_per_shard: int,
+                  shards_per_task: int) -> list[TaskPlan]:
+    """Pack videos (sorted by id) into tasks of at most ``max_samples_per_shard * shards_per_task`` clips (a video
+    with more clips gets a task of its own), then deal each task's clips round robin over its shards, interleaving
+    videos (clip 0 of every video, then clip 1, ...), so the clips of one video are spread across shards."""
+    capacity = max_samples_per_shard * shards_per_task
+    tasks: list[TaskPlan] = []
+    group: list[str] = []
+    count = 0
+    for vid in sorted(per_video):
+        n = len(per_video[vid])
+        if n == 0:
+            continue
+        if group and count + n > capacity:
+            tasks.append(TaskPlan(len(tasks), group, [], []))
+            group, count = [], 0
+        group.append(vid)
+        count += n
+    if group:
+        tasks.append(TaskPlan(len(tasks), group, [], []))
+    next_shard = 0
+    for task in tasks:
+        interleaved = sorted(
+            (c for vid in task.videos for c in per_video[vid]), key=lambda c: (c.clip_index, c.video_id)
+        )
+        n_shards = max(1, math.ceil(len(interleaved) / max_samples_per_shard))
+        for j, clip in enumerate(interleaved):
+            clip.shard = next_shard + j % n_shards
+        task.shards = list(range(next_shard, next_shard + n_shards))
+        task.clips = sorted(interleaved, key=lambda c: (c.shard, c.key))
+        next_shard += n_shards
+    return tasks
+
+
+def plan_hash(tasks: list[TaskPlan], settings: dict) -> str:
+    """sha256 over every planned clip and the output-affecting settings: names the plan a shard belongs to."""
+    h = hashlib.sha256()
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for task in tasks:
+        for c in task.clips:
+            h.update(json.dumps([c.video_id, c.clip_index, c.shard, c.start, c.end, c.text, c.targets]).encode())
+    return h.hexdigest()

@@ -1,0 +1,157 @@
+"""Atomic, reproducible shard writing and verification.
+
+A shard is committed in this order: write ``.<name>.tar.tmp`` -> fsync -> rename to ``<name>.tar`` -> fsync the
+directory -> write the sidecar ``<name>.json`` the same way. The sidecar is the done marker: a tar without a sidecar,
+or whose size or sha256 disagree with it, is not committed and is rewritten by the next run.
+
+Tars are a pure function of their samples: members sorted by name, mtime 0, uid/gid 0, mode 0644, GNU format
+(long names), so a rerun produces byte-identical files. Members are only ``.txt``, ``.json`` and ``.jpg``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+ALLOWED_EXTENSIONS = (".txt", ".json", ".jpg")
+
+
+def shard_stem(name: str, index: int) -> str:
+    return f"{name}-{index:06d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.size
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+
+def write_shard(out: Path, stem: str, samples: list[tuple[str, dict[str, bytes]]], extra: dict) -> dict:
+    """Write ``samples`` ([(key, {suffix: bytes})], suffix like ``txt`` or ``003.jpg``) as ``out/stem.tar`` and its
+    sidecar; return the sidecar dict."""
+    members = []
+    for key, parts in samples:
+        if "." in key or "/" in key or not key:
+            raise ValueError(f"unsafe sample key {key!r}: keys must not contain '.' or '/'")
+        for suffix, data in parts.items():
+            name = f"{key}.{suffix}"
+            if not name.endswith(ALLOWED_EXTENSIONS):
+                raise ValueError(f"{name}: shards hold only {', '.join(ALLOWED_EXTENSIONS)} members")
+            members.append((name, data))
+    members.sort(key=lambda m: m[0])
+    tar_path = out / f"{stem}.tar"
+    tmp = out / f".{stem}.tar.tmp"
+    with open(tmp, "wb") as f:
+        hw = _HashingWriter(f)
+        with tarfile.open(fileobj=hw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, tar_path)
+    _fsync_dir(out)
+    sidecar = {
+        "shard": f"{stem}.tar",
+        "samples": len(samples),
+        "keys": sorted(k for k, _ in samples),
+        "bytes": hw.size,
+        "sha256": hw.sha.hexdigest(),
+        **extra,
+    }
+    write_atomic(out / f"{stem}.json", json.dumps(sidecar, indent=1, sort_keys=True).encode())
+    return sidecar
+
+
+def file_sha256(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+class ForeignShardsError(RuntimeError):
+    """The output directory holds shards written from a different plan (other inputs or settings)."""
+
+
+def scan_output(out: Path, name: str, plan_hash: str) -> tuple[dict[str, dict], list[str]]:
+    """Find the committed shards of this plan and clean up everything else of ours.
+
+    Returns ``({stem: sidecar}, removed_names)``. Partial files (``.*.tmp``), tars without a sidecar (a crash
+    between rename and sidecar) and tars whose size or sha256 disagree with their sidecar are removed. Shards
+    committed by a *different* plan are never touched: that raises ``ForeignShardsError``.
+    """
+    removed: list[str] = []
+    committed: dict[str, dict] = {}
+    for tmp in sorted(out.glob(".*.tmp")):
+        tmp.unlink()
+        removed.append(tmp.name)
+    for tar_path in sorted(out.glob(f"{name}-*.tar")):
+        stem = tar_path.stem
+        sidecar_path = out / f"{stem}.json"
+        sidecar = None
+        if sidecar_path.is_file():
+            try:
+                sidecar = json.loads(sidecar_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                sidecar = None
+        if isinstance(sidecar, dict) and sidecar.get("plan_hash") not in (None, plan_hash):
+            raise ForeignShardsError(
+                f"{tar_path}: written by a different plan ({sidecar.get('plan_hash', '?')[:12]}, this run is "
+                f"{plan_hash[:12]}): the inputs or output-affecting settings changed. Shard into a new out=DIR, "
+                "or delete the old shards if you mean to replace them."
+            )
+        ok = (
+            isinstance(sidecar, dict)
+            and tar_path.stat().st_size == sidecar.get("bytes")
+            and file_sha256(tar_path)[1] == sidecar.get("sha256")
+        )
+        if ok:
+            committed[stem] = sidecar
+        else:
+            tar_path.unlink()
+            sidecar_path.unlink(missing_ok=True)
+            removed.append(tar_path.name)
+    return committed, removed
