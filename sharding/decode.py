@@ -117,11 +117,24 @@ def _span_errors(clips, duration: float, tolerance: float) -> dict[int, ExtractE
 # PyAV
 
 
+def _has_container_signature(path: Path) -> bool:
+    """True when the file starts like an MP4/MOV, Matroska/WebM or AVI file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
+
+
 def _classify_av_error(path: Path, e: Exception) -> ExtractError:
     import av
 
     msg = f"{path}: {type(e).__name__}: {e}"
     if isinstance(e, av.error.InvalidDataError):
+        if _has_container_signature(path):
+            return ExtractError("truncated", f"{msg} (the container header is valid: the file is truncated or "
+                                             "damaged; download it again)")
         return ExtractError("corrupt", msg)
     if isinstance(e, (av.error.EOFError,)):
         return ExtractError("truncated", msg)

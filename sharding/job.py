@@ -51,6 +51,18 @@ def _error(video_id, stage, cls, message, clip_index=None, key=None) -> dict:
             "message": message}
 
 
+_WORKER = None
+
+
+def _decode_worker(cls):
+    """One decoder child per Ray worker process, reused across tasks (Ray reuses its workers): the child's
+    start-up cost is paid once, and a hung child is killed and replaced by DecodeWorker itself."""
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = cls()
+    return _WORKER
+
+
 def process_task(task: TaskPlan, paths: dict[str, str], opts: dict, skip_shards: list[int]) -> dict:
     """Decode the task's videos once each and write its shards that are not committed yet. Runs in a Ray worker."""
     from sharding.decode import DecodeWorker, ExtractError
@@ -62,41 +74,38 @@ def process_task(task: TaskPlan, paths: dict[str, str], opts: dict, skip_shards:
         by_video[clip.video_id].append(clip)
     samples: dict[int, list] = defaultdict(list)
     errors: list[dict] = []
-    worker = DecodeWorker()
+    worker = _decode_worker(DecodeWorker)
     t0 = time.monotonic()
-    try:
-        for vid in task.videos:
-            clips = sorted(by_video[vid], key=lambda c: c.clip_index)
-            try:
-                info, per_clip = worker.run(
-                    paths[vid], [(c.start, c.end, c.targets) for c in clips], timeout=opts["video_timeout_s"],
-                    frame_size=opts["frame_size"], center_crop=opts["center_crop"],
-                    jpeg_quality=opts["jpeg_quality"], threads=opts["decoder_threads"], decoder=opts["decoder"],
-                    end_tolerance=opts["end_tolerance_seconds"],
-                )
-            except ExtractError as e:
-                errors.append(_error(vid, "decode", e.cls, e.message) | {"clips": len(clips)})
+    for vid in task.videos:
+        clips = sorted(by_video[vid], key=lambda c: c.clip_index)
+        try:
+            info, per_clip = worker.run(
+                paths[vid], [(c.start, c.end, c.targets) for c in clips], timeout=opts["video_timeout_s"],
+                frame_size=opts["frame_size"], center_crop=opts["center_crop"],
+                jpeg_quality=opts["jpeg_quality"], threads=opts["decoder_threads"], decoder=opts["decoder"],
+                end_tolerance=opts["end_tolerance_seconds"],
+            )
+        except ExtractError as e:
+            errors.append(_error(vid, "decode", e.cls, e.message) | {"clips": len(clips)})
+            continue
+        for clip, result in zip(clips, per_clip):
+            if isinstance(result, ExtractError):
+                errors.append(_error(vid, "clip", result.cls, result.message, clip.clip_index, clip.key))
                 continue
-            for clip, result in zip(clips, per_clip):
-                if isinstance(result, ExtractError):
-                    errors.append(_error(vid, "clip", result.cls, result.message, clip.clip_index, clip.key))
-                    continue
-                if clip.shard in skip:
-                    continue
-                meta = {
-                    "key": clip.key, "video_id": vid, "clip_index": clip.clip_index, "start": clip.start,
-                    "end": clip.end, "text": clip.text, "captions": clip.segments,
-                    "frame_times": [pts for pts, _ in result], "target_times": clip.targets,
-                    "fps": round(info.fps, 6), "width": info.width, "height": info.height,
-                    "duration": round(info.duration, 6),
-                }
-                members = {"txt": clip.text.encode("utf-8"),
-                           "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
-                for j, (_pts, jpg) in enumerate(result):
-                    members[f"{j:03d}.jpg"] = jpg
-                samples[clip.shard].append((clip.key, members))
-    finally:
-        worker.close()
+            if clip.shard in skip:
+                continue
+            meta = {
+                "key": clip.key, "video_id": vid, "clip_index": clip.clip_index, "start": clip.start,
+                "end": clip.end, "text": clip.text, "captions": clip.segments,
+                "frame_times": [pts for pts, _ in result], "target_times": clip.targets,
+                "fps": round(info.fps, 6), "width": info.width, "height": info.height,
+                "duration": round(info.duration, 6),
+            }
+            members = {"txt": clip.text.encode("utf-8"),
+                       "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
+            for j, (_pts, jpg) in enumerate(result):
+                members[f"{j:03d}.jpg"] = jpg
+            samples[clip.shard].append((clip.key, members))
     written = []
     for shard in task.shards:
         if shard in skip:

@@ -111,7 +111,7 @@ def find_videos(root: str | Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(r.rglob("*")):
         ext = path.suffix.lower()
-        if ext in VIDEO_EXTENSIONS and path.is_file():
+        if ext in VIDEO_EXTENSIONS and not path.is_dir():  # not is_file(): a FIFO or device is the decoder's problem
             vid = path.name[: -len(path.suffix)]
             prev = found.get(vid)
             if prev is None or VIDEO_EXTENSIONS.index(ext) < VIDEO_EXTENSIONS.index(prev.suffix.lower()):
@@ -158,19 +158,21 @@ def clean_segments(segments: list[Segment]) -> list[Segment]:
         key=lambda s: (s.start, s.end, s.text),
     )
     out: list[Segment] = []
+    prev_raw: list[str] = []  # words of the previous segment as the ASR showed them (before trimming)
     for seg in ordered:
-        if not seg.text:
-            continue
-        if out and seg.text == out[-1].text and seg.start < out[-1].end + 0.5:
-            # exact rolling repeat: keep one copy, spanning both
-            out[-1] = Segment(out[-1].start, max(out[-1].end, seg.end), out[-1].text)
-            continue
         words = _words(seg.text)
+        if not words:
+            continue
+        raw = words
         if out:
-            prev = _words(out[-1].text)
-            # the longest tail of the previous text that is a head of this one
-            k = next((n for n in range(min(len(prev), len(words)), 0, -1) if prev[-n:] == words[:n]), 0)
+            if words == prev_raw and seg.start < out[-1].end + 0.5:
+                # exact rolling repeat: keep one copy, spanning both
+                out[-1] = Segment(out[-1].start, max(out[-1].end, seg.end), out[-1].text)
+                continue
+            # the longest tail of the previous caption that is a head of this one
+            k = next((n for n in range(min(len(prev_raw), len(words)), 0, -1) if prev_raw[-n:] == words[:n]), 0)
             words = words[k:]
+            prev_raw = raw
             if not words:  # fully repeated: it only extends the previous segment
                 out[-1] = Segment(out[-1].start, max(out[-1].end, seg.end), out[-1].text)
                 continue
@@ -179,6 +181,7 @@ def clean_segments(segments: list[Segment]) -> list[Segment]:
                 out[-1] = Segment(out[-1].start, max(out[-1].end, seg.end), out[-1].text + " " + " ".join(words))
                 continue
             seg = Segment(start, seg.end, " ".join(words))
+        prev_raw = raw
         out.append(seg)
     return out
 

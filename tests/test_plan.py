@@ -1,0 +1,142 @@
+"""The clip planner and frame-time selection (pure functions)."""
+
+import json
+
+import pytest
+
+from sharding.plan import (
+    CaptionError,
+    Segment,
+    assign_shards,
+    clean_segments,
+    clip_frame_times,
+    load_captions,
+    plan_clips,
+    plan_video,
+    sample_key,
+    sanitize_id,
+    select_frames,
+)
+from sharding.config import PlanConfig
+
+
+def seg(s, e, t):
+    return Segment(float(s), float(e), t)
+
+
+def test_clean_rolling_repeats_and_overlaps():
+    raw = [
+        seg(0.0, 2.5, "so today we are"),
+        seg(2.0, 4.5, "we are going to make"),  # rolling head repeats "we are", overlaps in time
+        seg(2.0, 4.5, "we are going to make"),  # exact duplicate
+        seg(4.0, 6.0, "going to make"),  # fully repeated: only extends the previous
+        seg(6.5, 8.0, "a   cake\n"),
+    ]
+    out = clean_segments(raw)
+    assert [s.text for s in out] == ["so today we are", "going to make", "a cake"]
+    # no overlap left, order kept
+    assert all(a.end <= b.start for a, b in zip(out, out[1:]))
+    assert out[1].start == 2.5 and out[1].end == 6.0
+
+
+def test_clean_sorts_and_drops_empty():
+    out = clean_segments([seg(5, 6, "b c"), seg(0, 1, "  "), seg(1, 2, "a")])
+    assert [s.text for s in out] == ["a", "b c"]
+
+
+def test_plan_clips_grows_to_min_seconds_and_words():
+    segs = [seg(i, i + 1, f"w{i} x") for i in range(12)]  # 1 s, 2 words each
+    clips = plan_clips(segs, min_seconds=3.0, min_words=4, max_seconds=10.0)
+    assert [(c.start, c.end) for c in clips] == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    assert clips[0].text == "w0 x w1 x w2 x"
+    assert len(clips[0].segments) == 3
+
+
+def test_plan_clips_caps_and_gaps_and_tail():
+    long = plan_clips([seg(0, 50, "a very long monologue here")], min_seconds=5, min_words=1, max_seconds=20)
+    assert (long[0].start, long[0].end) == (0, 20)
+    gap = plan_clips([seg(0, 1, "a b"), seg(30, 31, "c d")], min_seconds=5, min_words=1, max_seconds=60,
+                     max_gap_seconds=4)
+    assert [c.text for c in gap] == ["a b", "c d"]  # never merged across the silence
+    tail = plan_clips([seg(0, 5, "one two three"), seg(5, 6, "four")], min_seconds=5, min_words=2, max_seconds=20)
+    assert [c.text for c in tail] == ["one two three four"]  # a too-short tail joins the previous clip
+    assert tail[0].end == 6
+
+
+def test_plan_clips_never_exceeds_max_seconds():
+    segs = [seg(i * 3, i * 3 + 3, "word") for i in range(20)]
+    for c in plan_clips(segs, min_seconds=8, min_words=3, max_seconds=10):
+        assert c.end - c.start <= 10 + 1e-9
+        assert c.text
+
+
+def test_frame_times_uniform_and_fps():
+    assert clip_frame_times(10, 14, num_frames=4, sampling="uniform") == [10.5, 11.5, 12.5, 13.5]
+    assert clip_frame_times(0, 5, num_frames=12, sampling="fps", fps=1) == [0.5, 1.5, 2.5, 3.5, 4.5]
+    assert clip_frame_times(0, 0.4, num_frames=12, sampling="fps", fps=1) == [0.2]
+    times = clip_frame_times(0, 20, num_frames=4, sampling="fps", fps=1, slice="uniform")
+    assert times == [0.5, 6.5, 12.5, 19.5]  # np.linspace(0, 19, 4, dtype=int) = [0, 6, 12, 19]
+    assert clip_frame_times(0, 20, num_frames=3, sampling="fps", fps=1, slice="head") == [0.5, 1.5, 2.5]
+    assert clip_frame_times(0, 20, num_frames=3, sampling="fps", fps=1, slice="tail") == [17.5, 18.5, 19.5]
+    for t in clip_frame_times(3.2, 9.9, num_frames=12, sampling="fps", fps=2):
+        assert 3.2 <= t <= 9.9
+
+
+def test_select_frames_by_presentation_time_vfr():
+    pts = [0.0, 0.1, 0.15, 0.9, 1.0, 2.5]  # variable frame rate
+    # on screen at t: the last frame with pts <= t
+    assert select_frames([0.12, 0.5, 1.2, 3.0], pts, 0.0, 3.0) == [1, 2, 4, 5]
+    # a frame shown since before the clip start is replaced by the first frame inside the clip
+    assert select_frames([0.95], pts, 0.95, 2.0) == [4]
+    # nothing inside the clip
+    assert select_frames([1.5], pts, 1.1, 1.9) == [-1]
+
+
+def test_keys_are_sanitised_and_unique():
+    for vid in ["../../etc/passwd", "a.b.c", "a/b", "x y", ".hidden"]:
+        key = sample_key(vid, 3)
+        assert "." not in key and "/" not in key and ".." not in key
+        assert key.endswith("_0003")
+    assert sanitize_id("abcDEF_12-3") == "abcDEF_12-3"  # YouTube ids are kept as they are
+    assert sanitize_id("a.b") != sanitize_id("a/b")
+
+
+def test_load_captions_fails_fast_with_file_video_and_problem(tmp_path):
+    f = tmp_path / "caption.json"
+    f.write_text(json.dumps({"good": {"start": [0], "end": [1], "text": ["a"]},
+                             "vid7": {"start": [0, 1], "end": [1], "text": ["a", "b"]}}))
+    with pytest.raises(CaptionError, match=r"caption.json: video 'vid7': start, end and text have different lengths"):
+        load_captions(f)
+    f.write_text(json.dumps({"v": {"start": [2], "end": [1], "text": ["a"]}}))
+    with pytest.raises(CaptionError, match="video 'v': segment 0: end 1 is before start 2"):
+        load_captions(f)
+    f.write_text(json.dumps({"v": {"start": ["x"], "end": [1], "text": ["a"]}}))
+    with pytest.raises(CaptionError, match="must be numbers"):
+        load_captions(f)
+    f.write_text(json.dumps({"v": {"start": [0], "text": ["a"]}}))
+    with pytest.raises(CaptionError, match="missing key"):
+        load_captions(f)
+    f.write_text("{not json")
+    with pytest.raises(CaptionError, match="not valid UTF-8 JSON"):
+        load_captions(f)
+    with pytest.raises(CaptionError, match="not found"):
+        load_captions(tmp_path / "nope.json")
+
+
+def test_assign_shards_spreads_videos_and_is_deterministic():
+    cfg = PlanConfig(min_seconds=2, min_words=1, max_seconds=10, num_frames=4, sampling="uniform")
+    per_video = {f"v{i}": plan_video(f"v{i}", [seg(j * 2, j * 2 + 2, f"a b c{j}") for j in range(6)], cfg)
+                 for i in range(5)}
+    tasks = assign_shards(per_video, max_samples_per_shard=4, shards_per_task=2)
+    clips = [c for t in tasks for c in t.clips]
+    assert len(clips) == 30 and len({c.key for c in clips}) == 30
+    per_shard = {}
+    for c in clips:
+        per_shard.setdefault(c.shard, []).append(c)
+    assert all(len(v) <= 4 for v in per_shard.values())
+    # a video's clips land in more than one shard
+    shards_of_v0 = {c.shard for c in clips if c.video_id == "v0"}
+    assert len(shards_of_v0) > 1
+    again = assign_shards({k: plan_video(k, [seg(j * 2, j * 2 + 2, f"a b c{j}") for j in range(6)], cfg)
+                           for k in reversed(list(per_video))}, 4, 2)
+    assert [(c.key, c.shard) for t in again for c in t.clips] == [(c.key, c.shard) for c in clips]

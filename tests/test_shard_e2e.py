@@ -1,0 +1,183 @@
+"""End to end: `ptrain sample-data` corpus -> `ptrain shard` (local Ray) -> shards read back with webdataset."""
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from ptrain.config import load_config
+from sharding.config import ShardConfig
+from sharding.job import run as shard_run
+from sharding.plan import load_captions, load_video_list, plan_video
+from sharding.sample_data import generate
+
+SETTINGS = ["max_samples_per_shard=3", "shards_per_task=2", "frame_size=32", "num_frames=4", "min_seconds=2",
+            "min_words=3", "max_seconds=6", "ray.num_cpus=2", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    generate(root, num_videos=7, seed=3, bad_videos=True, min_duration=6.0, max_duration=9.0)
+    return root
+
+
+def shard_args(corpus: Path, out: Path) -> list[str]:
+    return [f"videos={corpus / 'videos'}", f"captions={corpus / 'caption.json'}", f"out={out}",
+            f"video_list={corpus / 'HowTo100M_v1.csv'}", *SETTINGS]
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    cfg = load_config(ShardConfig, None, shard_args(corpus, out))
+    assert shard_run(cfg) == 0
+    return out, cfg
+
+
+def tar_hashes(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("shard-*.tar"))}
+
+
+def test_every_planned_clip_once_or_in_errors(corpus, reference):
+    out, cfg = reference
+    captions = load_captions(corpus / "caption.json")
+    planned = {}
+    for vid in load_video_list(corpus / "HowTo100M_v1.csv"):
+        for clip in plan_video(vid, captions[vid], cfg.plan_config()):
+            planned[clip.key] = clip
+    in_shards = []
+    for tar_path in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            names = tar.getnames()
+        assert names == sorted(names)
+        in_shards += sorted({n.split(".")[0] for n in names})
+    assert len(in_shards) == len(set(in_shards)), "a clip was written twice"
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    failed = set()
+    for e in errors:
+        if e["key"]:
+            failed.add(e["key"])
+        else:  # a whole video failed: all of its clips
+            failed |= {k for k, c in planned.items() if c.video_id == e["video_id"]}
+    assert not failed & set(in_shards)
+    assert set(in_shards) | failed == set(planned)
+    classes = {e["class"] for e in errors}
+    assert {"missing", "corrupt", "empty", "no_video_stream", "truncated", "span_beyond_end"} <= classes
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == len(in_shards) and manifest["complete"]
+    # clips of one video are spread over several shards
+    shards_per_video = {}
+    for tar_path in sorted(out.glob("shard-*.tar")):
+        for key in json.loads(tar_path.with_suffix(".json").read_text())["keys"]:
+            shards_per_video.setdefault(planned[key].video_id, set()).add(tar_path.name)
+    assert max(len(s) for s in shards_per_video.values()) > 1
+
+
+def test_frames_decode_with_right_size_inside_their_clip(reference):
+    out, cfg = reference
+    ds = wds.WebDataset(sorted(str(p) for p in out.glob("shard-*.tar")), shardshuffle=False)
+    n = 0
+    for sample in ds:
+        meta = json.loads(sample["json"])
+        assert sample["__key__"] == meta["key"] and "." not in meta["key"]
+        assert sample["txt"].decode() == meta["text"] and meta["text"]
+        frames = sorted(k for k in sample if k.endswith(".jpg"))
+        assert len(frames) == len(meta["frame_times"]) == len(meta["target_times"]) <= cfg.num_frames
+        assert meta["frame_times"] == sorted(meta["frame_times"])
+        for t in meta["frame_times"]:
+            assert meta["start"] - 1e-6 <= t <= meta["end"] + 1e-6
+        for k in frames:
+            img = Image.open(io.BytesIO(sample[k]))
+            assert img.format == "JPEG" and img.mode == "RGB"
+            assert min(img.size) == cfg.frame_size
+        n += 1
+    assert n == json.loads((out / "manifest.json").read_text())["samples"] > 0
+
+
+def test_weird_video_id_is_sanitised_but_kept(corpus, reference):
+    out, _ = reference
+    weird = json.loads((corpus / "sample_meta.json").read_text())["weird_id"]
+    metas = []
+    for tar_path in out.glob("shard-*.tar"):
+        with tarfile.open(tar_path) as tar:
+            metas += [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    mine = [m for m in metas if m["video_id"] == weird]
+    assert mine and all("." not in m["key"] for m in mine)
+
+
+def test_rerun_is_a_noop_and_foreign_plan_is_refused(corpus, reference, capsys):
+    out, cfg = reference
+    before = tar_hashes(out)
+    assert shard_run(cfg) == 0
+    assert "0/" in capsys.readouterr().out  # no task ran
+    assert tar_hashes(out) == before
+    other = load_config(ShardConfig, None, shard_args(corpus, out) + ["num_frames=3"])
+    assert shard_run(other) == 2
+    assert "written by a different plan" in capsys.readouterr().err
+    assert tar_hashes(out) == before
+
+
+@pytest.mark.slow
+def test_kill_mid_run_then_rerun_is_byte_identical(corpus, reference, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ptrain", "shard", *shard_args(corpus, out), "ray.num_cpus=1"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob("shard-*.json")):
+            time.sleep(0.05)
+        assert list(out.glob("shard-*.json")), "no shard was committed in time"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = len(list(out.glob("shard-*.json")))
+    assert done_before < len(tar_hashes(ref_out)), "the run finished before it could be killed"
+    (out / ".shard-000099.tar.tmp").write_bytes(b"partial")  # what a kill during a write leaves
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert tar_hashes(out) == tar_hashes(ref_out)
+    assert not list(out.glob(".*.tmp"))
+    assert (out / "errors.jsonl").read_text() == (ref_out / "errors.jsonl").read_text()
+
+
+def test_hung_decoder_is_killed_and_the_job_goes_on(corpus, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    good = sorted((corpus / "videos").glob("*.mp4"))
+    good = [p for p in good if not p.name.startswith("bad_")][0]
+    (videos / good.name).symlink_to(good)
+    os.mkfifo(videos / "hangs00.mp4")  # opening a FIFO blocks forever, like a stalled network mount
+    caps = json.loads((corpus / "caption.json").read_text())
+    vid = good.name[: -len(".mp4")]
+    sub = {vid: caps[vid], "hangs00": {"start": [0, 2], "end": [2, 4], "text": ["one two three", "four five"]}}
+    (tmp_path / "caption.json").write_text(json.dumps(sub))
+    cfg = load_config(ShardConfig, None, [f"videos={videos}", f"captions={tmp_path / 'caption.json'}",
+                                          f"out={tmp_path / 'out'}", "video_timeout_s=3", *SETTINGS])
+    t0 = time.time()
+    assert shard_run(cfg) == 0
+    assert time.time() - t0 < 60
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert [(e["video_id"], e["class"]) for e in errors] == [("hangs00", "timeout")]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["samples"] > 0
+
+
+def test_malformed_captions_fail_fast(tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "caption.json").write_text(json.dumps({"abc": {"start": [0, 1], "end": [1], "text": ["x", "y"]}}))
+    cfg = load_config(ShardConfig, None, [f"videos={tmp_path / 'videos'}", f"captions={tmp_path / 'caption.json'}",
+                                          f"out={tmp_path / 'out'}"])
+    assert shard_run(cfg) == 2
+    err = capsys.readouterr().err
+    assert "caption.json: video 'abc': start, end and text have different lengths" in err
