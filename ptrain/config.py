@@ -154,9 +154,8 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise _CoerceError(
-            f"expected a string, got {type(value).__name__} {value!r} (quote it in YAML: '{value}')"
-        )
+        why = " (YAML reads unquoted yes/no/on/off as booleans: quote the value)" if isinstance(value, bool) else ""
+        raise _CoerceError(f"expected a string, got {type(value).__name__} {value!r}{why}")
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise _CoerceError(f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
