@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SEEK_GAP_SECONDS = 8.0  # decode through shorter gaps; seek to a keyframe across longer ones
 
 
 class ExtractError(Exception):
@@ -117,6 +116,25 @@ def _span_errors(clips, duration: float, tolerance: float) -> dict[int, ExtractE
 # PyAV
 
 
+def _keyframe_times(container, stream, tb, start_offset) -> list[float]:
+    """Presentation times of the keyframes, from the packet index (no decoding), then rewind."""
+    times = []
+    if tb:
+        for packet in container.demux(stream):
+            if packet.is_keyframe and packet.pts is not None:
+                times.append(packet.pts * tb - start_offset)
+        container.seek(0, stream=stream, backward=True, any_frame=False)
+    return sorted(times)
+
+
+def _last_before(times: list[float], t: float) -> float:
+    """The last keyframe time <= t (0 when unknown)."""
+    import bisect
+
+    j = bisect.bisect_right(times, t + 1e-6) - 1
+    return times[j] if j >= 0 else 0.0
+
+
 def _has_container_signature(path: Path) -> bool:
     """True when the file starts like an MP4/MOV, Matroska/WebM or AVI file."""
     try:
@@ -159,7 +177,7 @@ def _extract_pyav(path: Path, clips, frame_size: int, threads: int, end_toleranc
         if ctx is None or ctx.name is None:
             raise ExtractError("unsupported", f"{path}: no decoder for this video codec")
         ctx.thread_count = threads
-        ctx.thread_type = "AUTO" if threads != 1 else "SLICE"
+        ctx.thread_type = "AUTO"
         tb = float(stream.time_base) if stream.time_base else None
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
         width, height = ctx.width, ctx.height
@@ -183,28 +201,32 @@ def _extract_pyav(path: Path, clips, frame_size: int, threads: int, end_toleranc
             _t, _s, _e, ci, sj = flat[i_target]
             results[ci][sj] = serial
 
+        # Keyframe times from the packet index (demux only, no decoding): before each target we either keep
+        # decoding forward, or, when a keyframe lies between the current position and the target, seek to it.
+        # Dense targets (>= 1 per GOP) decode straight through; sparse ones cost one GOP each; never backwards.
+        keyframes = _keyframe_times(container, stream, tb, start_offset)
+        min_skip = 2.0 / (fps or 25.0)
         i = 0
         prev = None  # (serial, pts, frame)
         serial = 0
         last_pts = None
         decoded_any = False
         while i < len(flat):
-            t0 = flat[i][0]
-            if (prev is None and t0 - start_offset > SEEK_GAP_SECONDS) or (
-                prev is not None and t0 - prev[1] > SEEK_GAP_SECONDS
-            ):
-                if tb:
-                    container.seek(int((t0 + start_offset) / tb), stream=stream, backward=True, any_frame=False)
-                prev = None
-            seek_again = False
+            kf = _last_before(keyframes, flat[i][0])
+            if tb and (prev is None or kf > prev[1] + min_skip):
+                container.seek(int((kf + start_offset) / tb), stream=stream, backward=True, any_frame=False)
+                floor, prev = (kf if prev is not None or kf > 0 else -math.inf), None
+            jumped = False
             try:
                 for frame in container.decode(stream):
                     decoded_any = True
                     pts = frame.time
                     if pts is None:
                         pts = (last_pts + 1.0 / (fps or 25.0)) if last_pts is not None else 0.0
+                    last_pts = pts
                     pts -= start_offset
-                    last_pts = pts + start_offset
+                    if pts < floor - 1e-6:
+                        continue  # a leading picture of an open GOP after a seek: not reliably decodable
                     serial += 1
                     while i < len(flat) and flat[i][0] < pts - 1e-6:
                         t, s, e, _ci, _sj = flat[i]
@@ -216,21 +238,19 @@ def _extract_pyav(path: Path, clips, frame_size: int, threads: int, end_toleranc
                             take(i, *prev)
                         i += 1
                     prev = (serial, pts, frame)
-                    if i < len(flat) and flat[i][0] - pts > SEEK_GAP_SECONDS:
-                        seek_again = True
+                    if i < len(flat) and _last_before(keyframes, flat[i][0]) > pts + min_skip:
+                        jumped = True
                         break
             except Exception as e:  # noqa: BLE001 - a damaged stream mid-file
                 if not decoded_any:
                     raise _classify_av_error(path, e) from None
-                # keep what was decoded; the remaining targets use the last good frame or fail below
-                truncated_error = _classify_av_error(path, e)
-                truncated_error.cls = "truncated"
-                if math.isinf(duration) or prev is None:
-                    raise truncated_error from None
+                # keep what was decoded; later targets use the last good frame or fail as beyond the end
+                if prev is None:
+                    err = _classify_av_error(path, e)
+                    raise ExtractError("truncated", err.message) from None
                 duration = min(duration, prev[1] + 1e-3)
-            if seek_again:
-                continue
-            break  # end of stream
+            if not jumped:
+                break  # end of stream
         if not decoded_any:
             raise ExtractError("corrupt", f"{path}: no frame could be decoded")
         if math.isinf(duration) and prev is not None:
