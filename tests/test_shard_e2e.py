@@ -19,17 +19,14 @@ from ptrain.config import load_config
 from sharding.config import ShardConfig
 from sharding.job import run as shard_run
 from sharding.plan import load_captions, load_video_list, plan_video
-from sharding.sample_data import generate
 
 SETTINGS = ["max_samples_per_shard=3", "shards_per_task=2", "frame_size=32", "num_frames=4", "min_seconds=2",
             "min_words=3", "max_seconds=6", "ray.num_cpus=2", "progress=false"]
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    generate(root, num_videos=7, seed=3, bad_videos=True, min_duration=6.0, max_duration=9.0)
-    return root
+def corpus(sample_corpus):
+    return sample_corpus
 
 
 def shard_args(corpus: Path, out: Path) -> list[str]:

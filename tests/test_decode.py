@@ -1,0 +1,96 @@
+"""sharding.decode: frames chosen by presentation time, the same with seeking or decoding through, both decoders."""
+
+import json
+
+import av
+import pytest
+
+import sharding.decode as decode
+from sharding.decode import DecodeWorker, ExtractError, extract_clips
+
+
+def all_pts(path):
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        start = float(s.start_time * s.time_base) if s.start_time else 0.0
+        return [f.time - start for f in c.decode(s)]
+
+
+def good_videos(corpus):
+    meta = json.loads((corpus / "sample_meta.json").read_text())
+    return meta, {vid: corpus / v["file"] for vid, v in meta["videos"].items()}
+
+
+def test_vfr_frames_are_the_ones_on_screen_at_each_target(sample_corpus):
+    meta, paths = good_videos(sample_corpus)
+    vid = next(v for v, m in meta["videos"].items() if m["kind"].endswith("vfr"))
+    pts = all_pts(paths[vid])
+    gaps = {round(b - a, 4) for a, b in zip(pts, pts[1:])}
+    assert len(gaps) > 5, "the test video should have a variable frame rate"
+    targets = [0.37, 1.11, 2.05, 2.5, 4.44]
+    _info, per_clip = extract_clips(paths[vid], [(0.0, 5.0, targets)], frame_size=32)
+    got = [t for t, _ in per_clip[0]]
+    expected = [max(p for p in pts if p <= t + 1e-6) for t in targets]
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_seeking_gives_the_same_frames_as_decoding_through(sample_corpus, monkeypatch):
+    meta, paths = good_videos(sample_corpus)
+    for vid, path in list(paths.items())[:4]:
+        d = meta["videos"][vid]["duration"]
+        clips = [(0.2, 2.0, [0.5, 1.5]), (d * 0.6, d * 0.9, [d * 0.65, d * 0.85])]
+        info, seek = extract_clips(path, clips, frame_size=32)
+        monkeypatch.setattr(decode, "_keyframe_times", lambda *a: [])
+        _, through = extract_clips(path, clips, frame_size=32)
+        monkeypatch.undo()
+        assert seek == through, f"{vid} ({info.codec}): seeking changed the frames"
+
+
+def test_decord_and_pyav_pick_the_same_frames(sample_corpus):
+    meta, paths = good_videos(sample_corpus)
+    vid = next(v for v, m in meta["videos"].items() if m["kind"] == "mp4_h264")
+    clips = [(0.0, 3.0, [0.5, 1.5, 2.5]), (3.0, 5.0, [3.2, 4.9])]
+    _, a = extract_clips(paths[vid], clips, frame_size=32, decoder="pyav")
+    info, b = extract_clips(paths[vid], clips, frame_size=32, decoder="decord")
+    assert info.decoder == "decord"
+    assert [t for c in a for t, _ in c] == pytest.approx([t for c in b for t, _ in c], abs=1e-3)
+
+
+def test_whole_video_failures_are_classified(sample_corpus, tmp_path):
+    videos = sample_corpus / "videos"
+    expected = {"bad_corrupt": "corrupt", "bad_truncated": "truncated", "bad_empty": "empty",
+                "bad_audio": "no_video_stream"}
+    for vid, cls in expected.items():
+        path = next(videos.glob(f"{vid}.*"))
+        with pytest.raises(ExtractError) as ei:
+            extract_clips(path, [(0, 1, [0.5])], frame_size=32)
+        assert ei.value.cls == cls and str(path) in ei.value.message
+    with pytest.raises(ExtractError) as ei:
+        extract_clips(tmp_path / "nope.mp4", [(0, 1, [0.5])], frame_size=32)
+    assert ei.value.cls == "missing"
+
+
+def test_span_beyond_end_fails_only_that_clip(sample_corpus):
+    meta, paths = good_videos(sample_corpus)
+    vid, path = next(iter(paths.items()))
+    d = meta["videos"][vid]["duration"]
+    info, per_clip = extract_clips(path, [(0, 2, [1.0]), (d + 2, d + 4, [d + 3])], frame_size=32)
+    assert isinstance(per_clip[0], list) and isinstance(per_clip[1], ExtractError)
+    assert per_clip[1].cls == "span_beyond_end"
+
+
+def test_worker_kills_a_hung_decode_and_serves_the_next(sample_corpus, tmp_path):
+    import os
+
+    fifo = tmp_path / "stuck.mp4"
+    os.mkfifo(fifo)
+    _meta, paths = good_videos(sample_corpus)
+    worker = DecodeWorker()
+    try:
+        with pytest.raises(ExtractError) as ei:
+            worker.run(fifo, [(0, 1, [0.5])], timeout=2, frame_size=32)
+        assert ei.value.cls == "timeout" and "video_timeout_s" in ei.value.message
+        info, per_clip = worker.run(next(iter(paths.values())), [(0, 1, [0.5])], timeout=60, frame_size=32)
+        assert len(per_clip[0]) == 1
+    finally:
+        worker.close()
