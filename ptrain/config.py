@@ -183,7 +183,7 @@ def _leaf_paths(cls: type, prefix: str = "") -> list[str]:
 
 
 def _nest(dotted: dict[str, tuple[Any, str]]) -> dict[str, Any]:
-    """{'a.b': (v, src)} -> {'a': {'b': (v, src)}} with leaves kept as (value, source) pairs."""
+    """{'a.b': leaf} -> {'a': {'b': leaf}}; leaves are (value, source, raw text or None) tuples."""
     root: dict[str, Any] = {}
     for key, leaf in dotted.items():
         parts = key.split(".")
@@ -206,7 +206,7 @@ def _flatten(data: Any, source: str, prefix: str = "") -> dict[str, tuple[Any, s
             if isinstance(v, dict) and v:
                 out.update(_flatten(v, source, key + "."))
             else:
-                out[key] = (v, source)
+                out[key] = (v, source, None)
     return out
 
 
@@ -234,7 +234,13 @@ def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str], 
         if isinstance(leaf, dict):
             problems.append(f"{path}: expected {_type_name(tp)}, got a mapping (from {_source_of(leaf)})")
             continue
-        value, src = leaf
+        value, src, raw = leaf
+        if raw is not None and _takes_str(tp) and not (value is None and _takes_none(tp)):
+            value = raw  # a path like 0123 or 1_000 stays the text that was typed, not the YAML number
+        elif raw is None and _takes_str(tp) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            problems.append(f"{path}: expected a string, got {type(value).__name__} {value!r}; quote it in YAML "
+                            f"('{value}') so it is read as text (from {src})")
+            continue
         try:
             kwargs[key] = _coerce(value, tp)
         except _CoerceError as e:
@@ -249,6 +255,14 @@ def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str], 
         return None
 
 
+def _takes_str(tp: Any) -> bool:
+    return tp is str or (get_origin(tp) in (Union, types.UnionType) and str in get_args(tp))
+
+
+def _takes_none(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+
+
 def _source_of(leaf: Any) -> str:
     if isinstance(leaf, tuple):
         return leaf[1]
@@ -259,7 +273,8 @@ def _source_of(leaf: Any) -> str:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, tuple[Any, str]]:
-    """``["a.b=1", "c=[1,2]"]`` -> ``{"a.b": (1, "command line"), ...}`` (values parsed as YAML)."""
+    """``["a.b=1", "c=[1,2]"]`` -> ``{"a.b": (1, "command line", "1"), ...}``: values parsed as YAML, the raw
+    text kept for string fields."""
     out: dict[str, tuple[Any, str]] = {}
     for item in overrides:
         if "=" not in item or item.startswith("="):
@@ -269,7 +284,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, tuple[Any, str]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        out[key.strip()] = (value, "command line")
+        out[key.strip()] = (value, "command line", raw)
     return out
 
 

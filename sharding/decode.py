@@ -84,13 +84,8 @@ def encode_jpeg(rgb, quality: int, center_crop: bool, frame_size: int) -> bytes:
 
 
 def _flatten_targets(clips):
-    """[(t, start, end, clip_i, slot_j)] sorted by time."""
-    flat = []
-    for ci, (start, end, targets) in enumerate(clips):
-        for sj, t in enumerate(targets):
-            flat.append((float(t), float(start), float(end), ci, sj))
-    flat.sort()
-    return flat
+    """[(t, clip_i, slot_j)] sorted by time."""
+    return sorted((float(t), ci, sj) for ci, (_start, _end, targets) in enumerate(clips) for sj, t in enumerate(targets))
 
 
 def _check_file(path: Path) -> None:
@@ -161,7 +156,22 @@ def _classify_av_error(path: Path, e: Exception) -> ExtractError:
     return ExtractError("decode_error", msg)
 
 
-def _extract_pyav(path: Path, clips, frame_size: int, threads: int, end_tolerance: float):
+class _Frames:
+    """Frames kept for the targets, JPEG-encoded as soon as they are taken (bounded memory on long videos)."""
+
+    def __init__(self, clips, frame_size: int, center_crop: bool, quality: int):
+        self.results = [[None] * len(t) for (_s, _e, t) in clips]
+        self.jpeg: dict[int, tuple[float, bytes]] = {}  # frame serial -> (pts, jpeg)
+        self.frame_size, self.center_crop, self.quality = frame_size, center_crop, quality
+
+    def take(self, target, serial: int, pts: float, rgb_fn) -> None:
+        if serial not in self.jpeg:
+            self.jpeg[serial] = (pts, encode_jpeg(rgb_fn(), self.quality, self.center_crop, self.frame_size))
+        _t, ci, sj = target
+        self.results[ci][sj] = serial
+
+
+def _extract_pyav(path: Path, clips, frames: _Frames, threads: int):
     import av
 
     try:
@@ -188,34 +198,30 @@ def _extract_pyav(path: Path, clips, frame_size: int, threads: int, end_toleranc
         else:
             duration = math.inf
         start_offset = float(stream.start_time * tb) if (stream.start_time and tb) else 0.0
+        ow, oh = output_size(width, height, frames.frame_size) if width and height else (frames.frame_size,) * 2
 
-        flat = _flatten_targets(clips)
-        results = [[None] * len(t) for (_s, _e, t) in clips]
-        encoded: dict[int, tuple[float, object]] = {}  # frame serial -> (pts, rgb array)
-        ow, oh = output_size(width, height, frame_size) if width and height else (frame_size, frame_size)
+        def rgb(frame):
+            return lambda: frame.to_ndarray(width=ow, height=oh, format="rgb24", interpolation="AREA")
 
-        def take(i_target, serial, pts, frame):
-            if serial not in encoded:
-                encoded[serial] = (pts, frame.to_ndarray(width=ow, height=oh, format="rgb24",
-                                                         interpolation="AREA"))
-            _t, _s, _e, ci, sj = flat[i_target]
-            results[ci][sj] = serial
-
+        targets = _flatten_targets(clips)  # [(t, clip, slot)] by time
         # Keyframe times from the packet index (demux only, no decoding): before each target we either keep
-        # decoding forward, or, when a keyframe lies between the current position and the target, seek to it.
+        # decoding forward or, when a keyframe lies between the current position and the target, seek to it.
         # Dense targets (>= 1 per GOP) decode straight through; sparse ones cost one GOP each; never backwards.
         keyframes = _keyframe_times(container, stream, tb, start_offset)
         min_skip = 2.0 / (fps or 25.0)
         i = 0
-        prev = None  # (serial, pts, frame)
+        prev = None  # (serial, pts, frame): the frame on screen until the next one
         serial = 0
         last_pts = None
+        floor = -math.inf  # after a seek: frames before the keyframe are leading pictures of an open GOP
         decoded_any = False
-        while i < len(flat):
-            kf = _last_before(keyframes, flat[i][0])
+        while i < len(targets):
+            kf = _last_before(keyframes, targets[i][0])
             if tb and (prev is None or kf > prev[1] + min_skip):
-                container.seek(int((kf + start_offset) / tb), stream=stream, backward=True, any_frame=False)
-                floor, prev = (kf if prev is not None or kf > 0 else -math.inf), None
+                if prev is not None or kf > 0:
+                    container.seek(int((kf + start_offset) / tb), stream=stream, backward=True, any_frame=False)
+                    floor = kf
+                prev = None
             jumped = False
             try:
                 for frame in container.decode(stream):
@@ -226,28 +232,23 @@ def _extract_pyav(path: Path, clips, frame_size: int, threads: int, end_toleranc
                     last_pts = pts
                     pts -= start_offset
                     if pts < floor - 1e-6:
-                        continue  # a leading picture of an open GOP after a seek: not reliably decodable
+                        continue
                     serial += 1
-                    while i < len(flat) and flat[i][0] < pts - 1e-6:
-                        t, s, e, _ci, _sj = flat[i]
-                        if prev is not None and prev[1] >= s - 1e-6:
-                            take(i, *prev)
-                        elif pts <= e + 1e-6 or prev is None:
-                            take(i, serial, pts, frame)
+                    # every target before this frame shows the previous frame (or this one, if none came before)
+                    while i < len(targets) and targets[i][0] < pts - 1e-6:
+                        if prev is not None:
+                            frames.take(targets[i], prev[0], prev[1], rgb(prev[2]))
                         else:
-                            take(i, *prev)
+                            frames.take(targets[i], serial, pts, rgb(frame))
                         i += 1
                     prev = (serial, pts, frame)
-                    if i < len(flat) and _last_before(keyframes, flat[i][0]) > pts + min_skip:
+                    if i < len(targets) and _last_before(keyframes, targets[i][0]) > pts + min_skip:
                         jumped = True
                         break
-            except Exception as e:  # noqa: BLE001 - a damaged stream mid-file
-                if not decoded_any:
-                    raise _classify_av_error(path, e) from None
-                # keep what was decoded; later targets use the last good frame or fail as beyond the end
-                if prev is None:
+            except av.error.FFmpegError as e:  # a damaged stream mid-file: keep what was decoded
+                if not decoded_any or prev is None:
                     err = _classify_av_error(path, e)
-                    raise ExtractError("truncated", err.message) from None
+                    raise ExtractError("truncated" if decoded_any else err.cls, err.message) from None
                 duration = min(duration, prev[1] + 1e-3)
             if not jumped:
                 break  # end of stream
@@ -255,20 +256,18 @@ def _extract_pyav(path: Path, clips, frame_size: int, threads: int, end_toleranc
             raise ExtractError("corrupt", f"{path}: no frame could be decoded")
         if math.isinf(duration) and prev is not None:
             duration = prev[1]
-        # targets after the last frame: the last frame stays on screen
-        while i < len(flat) and prev is not None:
-            take(i, *prev)
+        while i < len(targets) and prev is not None:  # after the last frame: it stays on screen
+            frames.take(targets[i], prev[0], prev[1], rgb(prev[2]))
             i += 1
 
-    info = VideoInfo(fps=fps, width=width, height=height, duration=float(duration), codec=ctx.name, decoder="pyav")
-    return info, results, encoded
+    return VideoInfo(fps=fps, width=width, height=height, duration=float(duration), codec=ctx.name, decoder="pyav")
 
 
 # ----------------------------------------------------------------------------------------------
 # decord
 
 
-def _extract_decord(path: Path, clips, frame_size: int, threads: int, end_tolerance: float):
+def _extract_decord(path: Path, clips, frames: _Frames, threads: int):
     import decord
     import numpy as np
     from PIL import Image
@@ -285,25 +284,19 @@ def _extract_decord(path: Path, clips, frame_size: int, threads: int, end_tolera
     ts = vr.get_frame_timestamp(np.arange(n))[:, 0].astype(float).tolist()
     fps = float(vr.get_avg_fps())
     duration = ts[-1] + (1.0 / fps if fps else 0.0)
-    h, w = vr[0].shape[:2] if n else (0, 0)
-    results = [[None] * len(t) for (_s, _e, t) in clips]
-    wanted: set[int] = set()
-    for ci, (start, end, targets) in enumerate(clips):
-        idx = select_frames(list(targets), ts, start, end)
-        idx = [j if j >= 0 else min(max(0, n - 1), max(0, j)) for j in idx]
-        for sj, j in enumerate(idx):
-            results[ci][sj] = j + 1
-            wanted.add(j)
-    order = sorted(wanted)
-    encoded = {}
-    ow, oh = output_size(w, h, frame_size)
-    if order:
-        batch = vr.get_batch(order).asnumpy()
-        for j, arr in zip(order, batch):
-            img = Image.fromarray(arr).resize((ow, oh), Image.BILINEAR, reducing_gap=2.0)
-            encoded[j + 1] = (ts[j], np.asarray(img))
-    info = VideoInfo(fps=fps, width=w, height=h, duration=float(duration), codec="?", decoder="decord")
-    return info, results, encoded
+    h, w = vr[0].shape[:2]
+    ow, oh = output_size(w, h, frames.frame_size)
+    targets = _flatten_targets(clips)
+    index = select_frames([t for t, _c, _s in targets], ts)
+    order = sorted(set(index))
+    for k in range(0, len(order), 32):  # bounded memory: at most 32 full-size frames at once
+        chunk = order[k: k + 32]
+        batch = dict(zip(chunk, vr.get_batch(chunk).asnumpy()))
+        for target, j in zip(targets, index):
+            if j in batch:
+                img = Image.fromarray(batch[j]).resize((ow, oh), Image.BILINEAR, reducing_gap=2.0)
+                frames.take(target, j + 1, ts[j], lambda img=img: np.asarray(img))
+    return VideoInfo(fps=fps, width=w, height=h, duration=float(duration), codec="?", decoder="decord")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,41 +315,36 @@ def extract_clips(
     end_tolerance: float = 1.0,
 ):
     """Decode ``path`` once and return ``(VideoInfo, per_clip)``; ``per_clip[i]`` is a list of
-    ``(pts_seconds, jpeg_bytes)`` for clip i, or an ``ExtractError`` for that clip alone."""
+    ``(pts_seconds, jpeg_bytes)`` for clip i (the frame on screen at each target time), or an ``ExtractError``
+    for that clip alone (``span_beyond_end``)."""
     path = Path(path)
     _check_file(path)
     order = ["pyav", "decord"] if decoder == "pyav" else ["decord", "pyav"]
     first_error = None
     for name in order:
+        frames = _Frames(clips, frame_size, center_crop, jpeg_quality)
         try:
             fn = _extract_pyav if name == "pyav" else _extract_decord
-            info, results, frames = fn(path, clips, frame_size, threads, end_tolerance)
+            info = fn(path, clips, frames, threads)
             break
         except ExtractError as e:
             if first_error is None:
                 first_error = e
             if e.cls not in ("unsupported", "decode_error"):
-                raise  # a missing, empty, corrupt or truncated file: another decoder will not do better
+                raise first_error  # a missing, empty, corrupt or truncated file: another decoder will not do better
         except ImportError:
             continue
     else:
         raise first_error or ExtractError("decode_error", f"{path}: no decoder could read it")
     span_errs = _span_errors(clips, info.duration, end_tolerance)
-    cache: dict[int, bytes] = {}
     per_clip: list = []
-    for ci, serials in enumerate(results):
+    for ci, serials in enumerate(frames.results):
         if ci in span_errs:
             per_clip.append(span_errs[ci])
-            continue
-        if any(s is None for s in serials):
+        elif any(s is None for s in serials):
             per_clip.append(ExtractError("decode_error", f"clip {ci}: some frames could not be decoded"))
-            continue
-        frames_out = []
-        for s in serials:
-            if s not in cache:
-                cache[s] = encode_jpeg(frames[s][1], jpeg_quality, center_crop, frame_size)
-            frames_out.append((round(float(frames[s][0]), 6), cache[s]))
-        per_clip.append(frames_out)
+        else:
+            per_clip.append([(round(float(frames.jpeg[s][0]), 6), frames.jpeg[s][1]) for s in serials])
     return info, per_clip
 
 

@@ -1,17 +1,24 @@
 """`ptrain shard`: Ray orchestration of plan -> decode -> shard writing. The only module that imports ray.
 
     ptrain shard videos=DIR captions=caption.json out=SHARDS [video_list=HowTo100M_v1.csv] [num_frames=12] ...
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- ptrain shard ... ray.address=auto
+    ray job submit --address http://127.0.0.1:8265 -- ptrain shard ... ray.address=auto
 
-The driver plans every clip from the captions (pure, fast, no video touched), packs videos into tasks, skips tasks
-whose shards are already committed, and runs the rest as Ray tasks with an explicit CPU reservation. A task decodes
-each of its videos once (in a killable child process), writes its shards atomically and records every failure.
-The driver merges the failures into ``errors.jsonl`` and writes ``manifest.json``; both are rewritten whole on every
-run from per-task records, so a rerun never duplicates a line.
+The driver plans every clip from the captions (pure, fast, no video touched) and packs the videos into shard
+groups (a group's clips are dealt over its shards). For every group that is not committed yet it starts:
+
+- decode tasks, a few videos each (``videos_per_decode_task``), which decode each video once in a killable child
+  process and return the JPEG-encoded samples through the object store, and
+- one writer task that receives the decode results of its group, writes its shards atomically and records the
+  group's failures.
+
+Decode parallelism is therefore independent of the shard size, and the progress bar moves per decode task.
+The driver merges the failures into ``errors.jsonl`` and writes ``manifest.json``; both are rewritten whole on
+every run from per-group records, so a rerun never duplicates a line.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import platform
 import sys
@@ -22,6 +29,7 @@ from pathlib import Path
 from sharding.config import ShardConfig
 from sharding.plan import (
     CaptionError,
+    PlannedClip,
     TaskPlan,
     assign_shards,
     find_videos,
@@ -32,7 +40,7 @@ from sharding.plan import (
 )
 from sharding.write import ForeignShardsError, scan_output, shard_stem, write_atomic, write_shard
 
-STATE_DIR = ".ptrain_shard"  # per-task error records live here until merged into errors.jsonl
+STATE_DIR = ".ptrain_shard"  # plan marker, lock and per-group failure records
 
 
 def _versions() -> dict:
@@ -46,79 +54,98 @@ def _versions() -> dict:
             "numpy": numpy.__version__, "python": platform.python_version()}
 
 
-def _error(video_id, stage, cls, message, clip_index=None, key=None) -> dict:
-    return {"video_id": video_id, "clip_index": clip_index, "key": key, "stage": stage, "class": cls,
-            "message": message}
+def _error(video_id, stage, cls, message, clip_index=None, key=None, clips=None) -> dict:
+    e = {"video_id": video_id, "clip_index": clip_index, "key": key, "stage": stage, "class": cls,
+         "message": message}
+    if clips is not None:
+        e["clips"] = clips
+    return e
 
+
+# ----------------------------------------------------------------------------------------------
+# Ray task bodies (plain functions: testable without Ray)
 
 _WORKER = None
 
 
-def _decode_worker(cls):
+def _decode_worker():
     """One decoder child per Ray worker process, reused across tasks (Ray reuses its workers): the child's
     start-up cost is paid once, and a hung child is killed and replaced by DecodeWorker itself."""
     global _WORKER
     if _WORKER is None:
-        _WORKER = cls()
+        from sharding.decode import DecodeWorker
+
+        _WORKER = DecodeWorker()
     return _WORKER
 
 
-def process_task(task: TaskPlan, paths: dict[str, str], opts: dict, skip_shards: list[int]) -> dict:
-    """Decode the task's videos once each and write its shards that are not committed yet. Runs in a Ray worker."""
-    from sharding.decode import DecodeWorker, ExtractError
+def _sample(clip: PlannedClip, info, frames: list) -> tuple[str, dict[str, bytes]]:
+    meta = {
+        "key": clip.key, "video_id": clip.video_id, "clip_index": clip.clip_index, "start": clip.start,
+        "end": clip.end, "text": clip.text, "captions": clip.segments, "frame_times": [pts for pts, _ in frames],
+        "target_times": clip.targets, "fps": round(info.fps, 6), "width": info.width, "height": info.height,
+        "duration": round(info.duration, 6),
+    }
+    members = {"txt": clip.text.encode("utf-8"),
+               "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
+    for j, (_pts, jpg) in enumerate(frames):
+        members[f"{j:03d}.jpg"] = jpg
+    return clip.key, members
 
-    out = Path(opts["out"])
+
+def decode_videos(videos: list[tuple[str, str, list[PlannedClip]]], opts: dict, skip_shards: list[int]) -> dict:
+    """Decode each video once for all its clips; return the samples of shards not committed yet, and failures."""
+    from sharding.decode import ExtractError
+
+    worker = _decode_worker()
     skip = set(skip_shards)
-    by_video: dict[str, list] = defaultdict(list)
-    for clip in task.clips:
-        by_video[clip.video_id].append(clip)
     samples: dict[int, list] = defaultdict(list)
     errors: list[dict] = []
-    worker = _decode_worker(DecodeWorker)
-    t0 = time.monotonic()
-    for vid in task.videos:
-        clips = sorted(by_video[vid], key=lambda c: c.clip_index)
+    for vid, path, clips in videos:
         try:
             info, per_clip = worker.run(
-                paths[vid], [(c.start, c.end, c.targets) for c in clips], timeout=opts["video_timeout_s"],
-                frame_size=opts["frame_size"], center_crop=opts["center_crop"],
-                jpeg_quality=opts["jpeg_quality"], threads=opts["decoder_threads"], decoder=opts["decoder"],
-                end_tolerance=opts["end_tolerance_seconds"],
+                path, [(c.start, c.end, c.targets) for c in clips], timeout=opts["video_timeout_s"],
+                frame_size=opts["frame_size"], center_crop=opts["center_crop"], jpeg_quality=opts["jpeg_quality"],
+                threads=opts["decoder_threads"], decoder=opts["decoder"], end_tolerance=opts["end_tolerance_seconds"],
             )
         except ExtractError as e:
-            errors.append(_error(vid, "decode", e.cls, e.message) | {"clips": len(clips)})
+            errors.append(_error(vid, "decode", e.cls, e.message, clips=len(clips)))
             continue
         for clip, result in zip(clips, per_clip):
             if isinstance(result, ExtractError):
                 errors.append(_error(vid, "clip", result.cls, result.message, clip.clip_index, clip.key))
-                continue
-            if clip.shard in skip:
-                continue
-            meta = {
-                "key": clip.key, "video_id": vid, "clip_index": clip.clip_index, "start": clip.start,
-                "end": clip.end, "text": clip.text, "captions": clip.segments,
-                "frame_times": [pts for pts, _ in result], "target_times": clip.targets,
-                "fps": round(info.fps, 6), "width": info.width, "height": info.height,
-                "duration": round(info.duration, 6),
-            }
-            members = {"txt": clip.text.encode("utf-8"),
-                       "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
-            for j, (_pts, jpg) in enumerate(result):
-                members[f"{j:03d}.jpg"] = jpg
-            samples[clip.shard].append((clip.key, members))
+            elif clip.shard not in skip:
+                samples[clip.shard].append(_sample(clip, info, result))
+    return {"samples": dict(samples), "errors": errors, "clips": sum(len(c) for _v, _p, c in videos)}
+
+
+def write_group(task: TaskPlan, opts: dict, skip_shards: list[int], *decoded: dict) -> dict:
+    """Write the group's uncommitted shards from its decode results, then its failure record."""
+    out = Path(opts["out"])
+    samples: dict[int, list] = defaultdict(list)
+    errors: list[dict] = []
+    for part in decoded:
+        for shard, items in part["samples"].items():
+            samples[shard].extend(items)
+        errors.extend(part["errors"])
     written = []
     for shard in task.shards:
-        if shard in skip:
-            continue
-        stem = shard_stem(opts["name"], shard)
-        written.append(write_shard(out, stem, samples[shard], {"plan_hash": opts["plan_hash"],
-                                                               "versions": opts["versions"]}))
-    state = out / STATE_DIR
-    state.mkdir(exist_ok=True)
-    write_atomic(state / f"errors-task-{task.task_index:06d}.jsonl",
+        if shard not in skip_shards:
+            stem = shard_stem(opts["name"], shard)
+            written.append(write_shard(out, stem, sorted(samples[shard]), {"plan_hash": opts["plan_hash"],
+                                                                           "versions": opts["versions"]}))
+    errors.sort(key=lambda e: (e["video_id"], e["clip_index"] if e["clip_index"] is not None else -1))
+    write_atomic(_errors_file(out, opts["plan_hash"], task.task_index),
                  "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
-    return {"task": task.task_index, "written": written, "errors": errors, "seconds": time.monotonic() - t0,
-            "clips": len(task.clips)}
+    return {"task": task.task_index, "written": written}
+
+
+def _errors_file(out: Path, phash: str, task_index: int) -> Path:
+    return out / STATE_DIR / f"errors-{phash[:12]}-group-{task_index:06d}.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver
 
 
 def _start_ray(cfg):
@@ -135,146 +162,174 @@ def _start_ray(cfg):
     return ray, started
 
 
-def run(cfg: ShardConfig) -> int:
-    t_start = time.time()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+def _plan(cfg: ShardConfig):
+    """Everything decided before any video is touched: clips, shards, failures known from the inputs alone."""
+    captions = load_captions(cfg.captions)
+    ids = load_video_list(cfg.video_list) if cfg.video_list else sorted(captions)
+    files, duplicates = find_videos(cfg.videos)
     plan_cfg = cfg.plan_config()
-    try:
-        captions = load_captions(cfg.captions)
-        ids = load_video_list(cfg.video_list) if cfg.video_list else sorted(captions)
-        files = find_videos(cfg.videos)
-    except (CaptionError, FileNotFoundError) as e:
-        print(f"ptrain shard: {e}", file=sys.stderr)
-        return 2
-
-    # 1. plan (pure): clips, frame targets, shard of every clip
     plan_errors: list[dict] = []
-    per_video = {}
-    seen_keys: dict[str, str] = {}
+    per_video: dict[str, list[PlannedClip]] = {}
+    owner_of_key: dict[str, str] = {}
     for vid in ids:
         if vid not in captions:
-            plan_errors.append(_error(vid, "plan", "no_captions", f"{vid}: listed in {cfg.video_list} but absent "
-                                                                   f"from {cfg.captions}"))
+            plan_errors.append(_error(vid, "plan", "no_captions",
+                                      f"{vid}: listed in {cfg.video_list} but absent from {cfg.captions}"))
             continue
         clips = plan_video(vid, captions[vid], plan_cfg)
         if not clips:
             plan_errors.append(_error(vid, "plan", "no_clips", f"{vid}: no caption segment with text"))
             continue
         if vid not in files:
-            plan_errors.append(_error(vid, "plan", "missing", f"{vid}: no {vid}.<mp4|webm|mkv|avi> under {cfg.videos}")
-                               | {"clips": len(clips)})
+            plan_errors.append(_error(vid, "plan", "missing", f"{vid}: no {vid}.<mp4|webm|mkv|avi|mov|m4v> under "
+                                                              f"{cfg.videos}", clips=len(clips)))
             continue
-        other = seen_keys.setdefault(clips[0].key.rsplit("_", 1)[0], vid)
+        if vid in duplicates:
+            plan_errors.append(_error(vid, "plan", "duplicate_id", f"{vid}: several files: using {files[vid]}, "
+                                      f"ignoring {', '.join(map(str, duplicates[vid]))}"))
+        stem = clips[0].key.rsplit("_", 1)[0]
+        other = owner_of_key.setdefault(stem, vid)
         if other != vid:
-            raise ValueError(f"video ids {other!r} and {vid!r} sanitise to the same key; rename one of them")
+            raise CaptionError(f"{cfg.captions}: video ids {other!r} and {vid!r} give the same sample key {stem!r} "
+                               "after sanitising; rename one of them")
         per_video[vid] = clips
     tasks = assign_shards(per_video, cfg.max_samples_per_shard, cfg.shards_per_task)
-    settings = {k: v for k, v in vars(plan_cfg).items()} | {
+    settings = dict(vars(plan_cfg)) | {
         "frame_size": cfg.frame_size, "center_crop": cfg.center_crop, "jpeg_quality": cfg.jpeg_quality,
-        "max_samples_per_shard": cfg.max_samples_per_shard, "shards_per_task": cfg.shards_per_task, "name": cfg.name,
+        "max_samples_per_shard": cfg.max_samples_per_shard, "shards_per_task": cfg.shards_per_task,
+        "name": cfg.name, "decoder": cfg.decoder,
     }
-    phash = plan_hash(tasks, settings)
-    total_clips = sum(len(t.clips) for t in tasks)
-    num_shards = sum(len(t.shards) for t in tasks)
+    return ids, files, per_video, plan_errors, tasks, settings, plan_hash(tasks, settings)
 
-    # 2. resume: keep verified shards of this plan, remove partial ones, never touch another plan's shards
+
+def run(cfg: ShardConfig) -> int:
+    t_start = time.time()
+    out = Path(cfg.out)
     try:
-        committed, removed = scan_output(out, cfg.name, phash)
+        ids, files, per_video, plan_errors, tasks, settings, phash = _plan(cfg)
+    except (CaptionError, FileNotFoundError) as e:
+        print(f"ptrain shard: {e}", file=sys.stderr)
+        return 2
+    total_clips = sum(len(t.clips) for t in tasks)
+    stems = [shard_stem(cfg.name, s) for t in tasks for s in t.shards]
+    versions = _versions()
+
+    # one run per output directory at a time
+    state = out / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    lock = open(state / "lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"ptrain shard: another `ptrain shard` is writing to {out}; wait for it to finish", file=sys.stderr)
+        return 2
+
+    # resume: keep verified shards of this plan, remove what a crash left of ours, never touch anything else
+    marker = state / "plan.json"
+    marker_plan = json.loads(marker.read_text()).get("plan_hash") if marker.is_file() else None
+    try:
+        committed, removed = scan_output(out, stems, phash, versions, marker_plan)
     except ForeignShardsError as e:
         print(f"ptrain shard: {e}", file=sys.stderr)
         return 2
-    state = out / STATE_DIR
+    if marker_plan is None:
+        write_atomic(marker, json.dumps({"plan_hash": phash, "settings": settings}, indent=1).encode())
+    from ptrain.config import config_to_dict, dump_config
+
+    dump_config(cfg, out / "config.yaml")
     pending = []
     for task in tasks:
         done = [s for s in task.shards if shard_stem(cfg.name, s) in committed]
-        if len(done) < len(task.shards) or not (state / f"errors-task-{task.task_index:06d}.jsonl").is_file():
+        if len(done) < len(task.shards) or not _errors_file(out, phash, task.task_index).is_file():
             pending.append((task, done))
     print(f"ptrain shard: {len(ids)} videos listed, {len(per_video)} to decode, {total_clips} clips planned "
-          f"-> {num_shards} shards (plan {phash[:12]}); {len(committed)} shards already committed, "
-          f"{len(pending)}/{len(tasks)} tasks to run" + (f"; removed partial {removed}" if removed else ""))
+          f"-> {len(stems)} shards (plan {phash[:12]}); {len(committed)} shards already committed, "
+          f"{len(pending)}/{len(tasks)} shard groups to run" + (f"; removed partial {removed}" if removed else ""))
 
-    # 3. run the pending tasks on Ray
-    results = []
-    task_failures = []
+    # run the pending groups on Ray: decode tasks feed one writer task per group
+    crashed: list[tuple[TaskPlan, str]] = []
+    decoded_clips = 0
     if pending:
         ray, started = _start_ray(cfg)
-        versions = _versions()
         opts = {"out": str(out.resolve()), "name": cfg.name, "plan_hash": phash, "versions": versions,
                 "frame_size": cfg.frame_size, "center_crop": cfg.center_crop, "jpeg_quality": cfg.jpeg_quality,
                 "decoder_threads": cfg.decoder_threads, "decoder": cfg.decoder,
                 "video_timeout_s": cfg.video_timeout_s, "end_tolerance_seconds": cfg.end_tolerance_seconds}
-        remote = ray.remote(process_task).options(num_cpus=cfg.ray.cpus_per_task, max_retries=2)
-        refs = {}
+        decode_remote = ray.remote(decode_videos).options(num_cpus=cfg.ray.cpus_per_task, max_retries=2)
+        write_remote = ray.remote(write_group).options(num_cpus=cfg.ray.cpus_per_task, max_retries=2)
+        decode_refs: dict = {}
+        write_refs: dict = {}
         for task, done in pending:
-            paths = {vid: str(files[vid].resolve()) for vid in task.videos}
-            refs[remote.remote(task, paths, opts, done)] = task
-        bar = _progress(cfg.progress, sum(len(t.clips) for t, _ in pending))
+            by_video: dict[str, list] = defaultdict(list)
+            for clip in task.clips:
+                by_video[clip.video_id].append(clip)
+            units = [(vid, str(files[vid].resolve()), sorted(by_video[vid], key=lambda c: c.clip_index))
+                     for vid in task.videos]
+            refs = []
+            for k in range(0, len(units), cfg.videos_per_decode_task):
+                chunk = units[k: k + cfg.videos_per_decode_task]
+                ref = decode_remote.remote(chunk, opts, done)
+                decode_refs[ref] = sum(len(c) for _v, _p, c in chunk)
+                refs.append(ref)
+            write_refs[write_remote.remote(task, opts, done, *refs)] = task
+        bar = _progress(cfg.progress, sum(decode_refs.values()))
         try:
-            waiting = list(refs)
+            waiting = list(decode_refs)
             while waiting:
                 ready, waiting = ray.wait(waiting, num_returns=1)
-                task = refs[ready[0]]
+                bar.update(decode_refs[ready[0]])
+                decoded_clips += decode_refs[ready[0]]
+            bar.close()
+            for ref, task in write_refs.items():
                 try:
-                    results.append(ray.get(ready[0]))
-                except Exception as e:  # noqa: BLE001 - a task that crashed is reported, the others go on
-                    task_failures.append((task, e))
-                bar.update(len(task.clips))
+                    for sidecar in ray.get(ref)["written"]:
+                        committed[Path(sidecar["shard"]).stem] = sidecar
+                except Exception as e:  # noqa: BLE001 - a crashed group is reported, the others go on
+                    cause = getattr(e, "cause", None) or e
+                    crashed.append((task, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1]}"))
         finally:
             bar.close()
             if started:
                 ray.shutdown()
 
-    # 4. merge the failure records and the manifest (rewritten whole: a rerun never duplicates a line)
+    # merge the failure records and the manifest (rewritten whole: a rerun never duplicates a line)
     errors = list(plan_errors)
     for task in tasks:
-        f = state / f"errors-task-{task.task_index:06d}.jsonl"
+        f = _errors_file(out, phash, task.task_index)
         if f.is_file():
             errors.extend(json.loads(line) for line in f.read_text().splitlines() if line)
-    for task, exc in task_failures:
-        cause = getattr(exc, "cause", None) or exc
-        msg = f"task {task.task_index} crashed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1:]}"
-        errors.extend(_error(vid, "task", "task_error", msg) for vid in task.videos)
+    for task, msg in crashed:
+        n = Counter(c.video_id for c in task.clips)
+        errors.extend(_error(vid, "task", "task_error", f"shard group {task.task_index} crashed: {msg}",
+                             clips=n[vid]) for vid in task.videos)
     write_atomic(out / "errors.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
 
-    shards = {}
-    committed_now, _ = scan_output(out, cfg.name, phash)
-    for stem in sorted(committed_now):
-        sc = committed_now[stem]
-        shards[stem] = {"file": sc["shard"], "samples": sc["samples"], "bytes": sc["bytes"], "sha256": sc["sha256"]}
-    failed_clips = sum(e.get("clips", 1) for e in errors if e["stage"] in ("decode", "plan", "task", "clip")
-                       and e["class"] not in ("no_captions", "no_clips"))
+    shards = {stem: {"file": committed[stem]["shard"], "samples": committed[stem]["samples"],
+                     "bytes": committed[stem]["bytes"], "sha256": committed[stem]["sha256"]}
+              for stem in stems if stem in committed}
     by_class = Counter(e["class"] for e in errors)
     manifest = {
         "plan_hash": phash, "name": cfg.name, "videos_listed": len(ids), "videos_planned": len(per_video),
         "clips_planned": total_clips + sum(e.get("clips", 0) for e in plan_errors),
-        "samples": sum(s["samples"] for s in shards.values()), "shards_planned": num_shards,
-        "shards": shards, "failures_by_class": dict(sorted(by_class.items())), "failed_clips": failed_clips,
-        "complete": len(shards) == num_shards and not task_failures,
-        "settings": settings, "config": _config_dict(cfg), "versions": _versions(),
+        "samples": sum(s["samples"] for s in shards.values()), "shards_planned": len(stems), "shards": shards,
+        "failures_by_class": dict(sorted(by_class.items())),
+        "failed_clips": sum(e.get("clips", 1) for e in errors if e["class"] not in ("no_captions", "no_clips",
+                                                                                  "duplicate_id")),
+        "complete": len(shards) == len(stems) and not crashed,
+        "settings": settings, "config": config_to_dict(cfg), "versions": versions,
     }
     write_atomic(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
-    from ptrain.config import dump_config
-
-    dump_config(cfg, out / "config.yaml")
 
     elapsed = time.time() - t_start
-    decoded = sum(r["clips"] for r in results)
     print(f"ptrain shard: done in {elapsed:.1f} s: {len(per_video)} videos, {manifest['samples']} clips in "
-          f"{len(shards)}/{num_shards} shards, {decoded / max(elapsed, 1e-9):.1f} clips/s this run")
+          f"{len(shards)}/{len(stems)} shards, {decoded_clips / max(elapsed, 1e-9):.1f} clips/s this run")
     if by_class:
         print("  failures by class: " + ", ".join(f"{k} {v}" for k, v in sorted(by_class.items()))
               + f"  (details: {out / 'errors.jsonl'})")
-    if task_failures:
-        print(f"  {len(task_failures)} task(s) crashed; rerun the same command to retry them", file=sys.stderr)
+    if crashed:
+        print(f"  {len(crashed)} shard group(s) crashed; rerun the same command to retry them", file=sys.stderr)
         return 1
     return 0
-
-
-def _config_dict(cfg) -> dict:
-    from ptrain.config import config_to_dict
-
-    return config_to_dict(cfg)
 
 
 class _NoBar:

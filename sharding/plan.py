@@ -85,6 +85,11 @@ def load_captions(path: str | Path) -> dict[str, list[Segment]]:
                 t = ""
             if not isinstance(t, str):
                 raise CaptionError(f"{where}: segment {i}: text must be a string, got {type(t).__name__}")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CaptionError(f"{where}: segment {i}: text is not valid Unicode (a lone surrogate escape?): "
+                                   f"{t!r}; fix or drop that segment") from None
             segs.append(Segment(float(s), float(e), t))
         out[str(vid)] = segs
     return out
@@ -103,20 +108,26 @@ def load_video_list(path: str | Path) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def find_videos(root: str | Path) -> dict[str, Path]:
-    """{video_id: path} for every ``<video_id>.<ext>`` under ``root`` (first extension in VIDEO_EXTENSIONS wins)."""
+def find_videos(root: str | Path) -> tuple[dict[str, Path], dict[str, list[Path]]]:
+    """``({video_id: path}, {video_id: [other paths]})`` for every ``<video_id>.<ext>`` under ``root``.
+
+    When an id appears more than once (another extension or another sub-directory), the first extension in
+    VIDEO_EXTENSIONS, then the first path in sorted order, wins; the others are returned as duplicates."""
     r = Path(root)
     if not r.is_dir():
         raise FileNotFoundError(f"{r}: video directory not found; pass videos=DIR")
-    found: dict[str, Path] = {}
+    candidates: dict[str, list[Path]] = {}
     for path in sorted(r.rglob("*")):
-        ext = path.suffix.lower()
-        if ext in VIDEO_EXTENSIONS and not path.is_dir():  # not is_file(): a FIFO or device is the decoder's problem
-            vid = path.name[: -len(path.suffix)]
-            prev = found.get(vid)
-            if prev is None or VIDEO_EXTENSIONS.index(ext) < VIDEO_EXTENSIONS.index(prev.suffix.lower()):
-                found[vid] = path
-    return found
+        # not is_file(): a FIFO or a device is the decoder's problem, and is recorded as such
+        if path.suffix.lower() in VIDEO_EXTENSIONS and not path.is_dir():
+            candidates.setdefault(path.name[: -len(path.suffix)], []).append(path)
+    found, duplicates = {}, {}
+    for vid, paths in candidates.items():
+        paths.sort(key=lambda p: (VIDEO_EXTENSIONS.index(p.suffix.lower()), str(p)))
+        found[vid] = paths[0]
+        if len(paths) > 1:
+            duplicates[vid] = paths[1:]
+    return found, duplicates
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,29 +284,18 @@ def clip_frame_times(
         raise ValueError(f"slice must be 'head', 'tail' or 'uniform', got {slice!r}")
     n = len(times)
     # np.linspace(0, n - 1, num_frames, dtype=int), as CLIP4Clip does
-    idx = [int((n - 1) * i / (num_frames - 1)) if num_frames > 1 else 0 for i in range(num_frames)]
+    step = (n - 1) / (num_frames - 1) if num_frames > 1 else 0.0
+    idx = [int(i * step) for i in range(num_frames - 1)] + [n - 1]  # what numpy computes (last one exact)
     return [times[i] for i in idx]
 
 
-def select_frames(targets: list[float], frame_pts: list[float], start: float, end: float) -> list[int]:
-    """For each target time, the index of the frame on screen at that time (largest pts <= t), kept inside
-    [start, end]: a frame shown since before ``start`` is replaced by the first frame at or after ``start``.
-
-    ``frame_pts`` must be ascending. Returns -1 for a target with no frame inside the clip.
-    """
+def select_frames(targets: list[float], frame_pts: list[float]) -> list[int]:
+    """For each target time, the index of the frame on screen at that time: the last frame with pts <= t
+    (the first frame for a time before it). ``frame_pts`` must be ascending. A stored frame's time can thus be
+    earlier than its clip's start, by less than one frame interval, when that frame is still shown at the start."""
     import bisect
 
-    out = []
-    first_inside = bisect.bisect_left(frame_pts, start - 1e-6)
-    for t in targets:
-        i = bisect.bisect_right(frame_pts, t + 1e-6) - 1
-        if i < first_inside:
-            i = first_inside
-        if i >= len(frame_pts) or frame_pts[i] > end + 1e-6:
-            out.append(-1)
-        else:
-            out.append(i)
-    return out
+    return [max(0, bisect.bisect_right(frame_pts, t + 1e-6) - 1) for t in targets]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ class _HashingWriter(io.RawIOBase):
 
 def write_shard(out: Path, stem: str, samples: list[tuple[str, dict[str, bytes]]], extra: dict) -> dict:
     """Write ``samples`` ([(key, {suffix: bytes})], suffix like ``txt`` or ``003.jpg``) as ``out/stem.tar`` and its
-    sidecar; return the sidecar dict."""
+    sidecar; return the sidecar dict. The sidecar's ``offsets[i]`` is ``[start, length]`` of sample ``keys[i]``
+    in the tar (its headers and members), so a reader can seek straight to a sample."""
     members = []
     for key, parts in samples:
         if "." in key or "/" in key or not key:
@@ -77,8 +78,10 @@ def write_shard(out: Path, stem: str, samples: list[tuple[str, dict[str, bytes]]
     tmp = out / f".{stem}.tar.tmp"
     with open(tmp, "wb") as f:
         hw = _HashingWriter(f)
+        spans: dict[str, list[int]] = {}  # key -> [byte offset of its first header, length of its members]
         with tarfile.open(fileobj=hw, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for name, data in members:
+                start = tar.offset
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 info.mtime = 0
@@ -86,6 +89,8 @@ def write_shard(out: Path, stem: str, samples: list[tuple[str, dict[str, bytes]]
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(data))
+                span = spans.setdefault(name.split(".", 1)[0], [start, 0])
+                span[1] = tar.offset - span[0]
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, tar_path)
@@ -94,6 +99,7 @@ def write_shard(out: Path, stem: str, samples: list[tuple[str, dict[str, bytes]]
         "shard": f"{stem}.tar",
         "samples": len(samples),
         "keys": sorted(k for k, _ in samples),
+        "offsets": [spans[k] for k in sorted(k for k, _ in samples) if k in spans],
         "bytes": hw.size,
         "sha256": hw.sha.hexdigest(),
         **extra,
@@ -113,38 +119,59 @@ def file_sha256(path: Path) -> tuple[int, str]:
 
 
 class ForeignShardsError(RuntimeError):
-    """The output directory holds shards written from a different plan (other inputs or settings)."""
+    """The output directory holds shard files this plan did not write (other inputs, settings or versions)."""
 
 
-def scan_output(out: Path, name: str, plan_hash: str) -> tuple[dict[str, dict], list[str]]:
-    """Find the committed shards of this plan and clean up everything else of ours.
+def scan_output(out: Path, stems: list[str], plan_hash: str, versions: dict, marker_plan: str | None
+                ) -> tuple[dict[str, dict], list[str]]:
+    """Find the committed shards among the planned ``stems`` and clean up what a crash left of ours.
 
-    Returns ``({stem: sidecar}, removed_names)``. Partial files (``.*.tmp``), tars without a sidecar (a crash
-    between rename and sidecar) and tars whose size or sha256 disagree with their sidecar are removed. Shards
-    committed by a *different* plan are never touched: that raises ``ForeignShardsError``.
+    Returns ``({stem: sidecar}, removed_names)``. Only files of the planned stems are looked at: their partial
+    files (``.STEM.tar.tmp``, ``.STEM.json.tmp``), a tar without a sidecar (a crash between rename and sidecar)
+    and a tar whose size or sha256 disagree with its sidecar are removed. Anything that this plan did not write
+    is never touched: shard files in a directory without our plan marker (``marker_plan`` is None), a marker or
+    sidecar of another plan, or a sidecar written with other library versions raise ``ForeignShardsError``.
     """
     removed: list[str] = []
     committed: dict[str, dict] = {}
-    for tmp in sorted(out.glob(".*.tmp")):
-        tmp.unlink()
-        removed.append(tmp.name)
-    for tar_path in sorted(out.glob(f"{name}-*.tar")):
-        stem = tar_path.stem
-        sidecar_path = out / f"{stem}.json"
+    ours = [s for s in stems if (out / f"{s}.tar").exists() or (out / f"{s}.json").exists()]
+    if marker_plan is None and ours:
+        raise ForeignShardsError(
+            f"{out}: holds {ours[0]}.tar/.json but no {out.name}/.ptrain_shard/plan.json: these files were not "
+            "written by `ptrain shard`. Shard into a new out=DIR, or move those files away."
+        )
+    if marker_plan is not None and marker_plan != plan_hash:
+        raise ForeignShardsError(
+            f"{out}: holds shards of a different plan ({marker_plan[:12]}; this run is {plan_hash[:12]}): the "
+            "inputs or output-affecting settings changed. Shard into a new out=DIR, or delete the old shards "
+            "(and .ptrain_shard/) if you mean to replace them."
+        )
+    for stem in stems:
+        for tmp in (out / f".{stem}.tar.tmp", out / f".{stem}.json.tmp"):
+            if tmp.exists():
+                tmp.unlink()
+                removed.append(tmp.name)
+        tar_path, sidecar_path = out / f"{stem}.tar", out / f"{stem}.json"
+        if not tar_path.exists():
+            if sidecar_path.exists():
+                sidecar_path.unlink()
+                removed.append(sidecar_path.name)
+            continue
         sidecar = None
         if sidecar_path.is_file():
             try:
                 sidecar = json.loads(sidecar_path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
                 sidecar = None
-        if isinstance(sidecar, dict) and sidecar.get("plan_hash") not in (None, plan_hash):
+        if isinstance(sidecar, dict) and sidecar.get("versions") not in (None, versions):
             raise ForeignShardsError(
-                f"{tar_path}: written by a different plan ({sidecar.get('plan_hash', '?')[:12]}, this run is "
-                f"{plan_hash[:12]}): the inputs or output-affecting settings changed. Shard into a new out=DIR, "
-                "or delete the old shards if you mean to replace them."
+                f"{tar_path}: written with {sidecar.get('versions')}, this run has {versions}; a resume must use "
+                "the same library versions to produce identical shards. Finish with the old environment, or "
+                "shard into a new out=DIR."
             )
         ok = (
             isinstance(sidecar, dict)
+            and sidecar.get("plan_hash") == plan_hash
             and tar_path.stat().st_size == sidecar.get("bytes")
             and file_sha256(tar_path)[1] == sidecar.get("sha256")
         )

@@ -108,3 +108,13 @@ def test_cli_verbs_and_help(capsys):
     assert "--no_local_rank" in capsys.readouterr().err
     assert cli_main(["shard", "videos=a", "captions=b", "out=c", "fsp=2"]) == 2
     assert "fsp: unknown key (from command line); did you mean fps?" in capsys.readouterr().err
+
+
+def test_string_values_keep_their_text(tmp_path):
+    cfg = load_config(RootConfig, None, ["name=0123", "path=1_000"])
+    assert cfg.name == "0123" and cfg.path == "1_000"
+    assert load_config(RootConfig, None, ["path=null"]).path is None
+    f = tmp_path / "c.yaml"
+    f.write_text("name: 0123\n")
+    with pytest.raises(ConfigError, match=r"name: expected a string, got int 83; quote it in YAML"):
+        load_config(RootConfig, f)

@@ -84,12 +84,19 @@ def test_frame_times_uniform_and_fps():
 
 def test_select_frames_by_presentation_time_vfr():
     pts = [0.0, 0.1, 0.15, 0.9, 1.0, 2.5]  # variable frame rate
-    # on screen at t: the last frame with pts <= t
-    assert select_frames([0.12, 0.5, 1.2, 3.0], pts, 0.0, 3.0) == [1, 2, 4, 5]
-    # a frame shown since before the clip start is replaced by the first frame inside the clip
-    assert select_frames([0.95], pts, 0.95, 2.0) == [4]
-    # nothing inside the clip
-    assert select_frames([1.5], pts, 1.1, 1.9) == [-1]
+    # on screen at t: the last frame with pts <= t; before the first frame: the first frame
+    assert select_frames([0.12, 0.5, 1.2, 3.0, 0.15], pts) == [1, 2, 4, 5, 2]
+    assert select_frames([0.0], [0.04, 0.08]) == [0]
+
+
+def test_fps_slicing_matches_numpy_linspace():
+    import numpy as np
+
+    for n in range(2, 60):
+        for k in range(2, n):
+            times = clip_frame_times(0, n, num_frames=k, sampling="fps", fps=1, slice="uniform")
+            expected = [i + 0.5 for i in np.linspace(0, n - 1, k, dtype=int)]
+            assert times == expected, (n, k)
 
 
 def test_keys_are_sanitised_and_unique():
@@ -115,6 +122,9 @@ def test_load_captions_fails_fast_with_file_video_and_problem(tmp_path):
         load_captions(f)
     f.write_text(json.dumps({"v": {"start": [0], "text": ["a"]}}))
     with pytest.raises(CaptionError, match="missing key"):
+        load_captions(f)
+    f.write_text('{"v": {"start": [0], "end": [1], "text": ["\\ud83d"]}}')  # a lone surrogate: valid JSON
+    with pytest.raises(CaptionError, match="video 'v': segment 0: text is not valid Unicode"):
         load_captions(f)
     f.write_text("{not json")
     with pytest.raises(CaptionError, match="not valid UTF-8 JSON"):
