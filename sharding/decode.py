@@ -111,23 +111,23 @@ def _span_errors(clips, duration: float, tolerance: float) -> dict[int, ExtractE
 # PyAV
 
 
-def _keyframe_times(container, stream, tb, start_offset) -> list[float]:
-    """Presentation times of the keyframes, from the packet index (no decoding), then rewind."""
-    times = []
+def _keyframe_times(container, stream, tb, start_offset) -> list[tuple[float, int]]:
+    """``(time, pts)`` of the keyframes, from the packet index (no decoding), then rewind."""
+    keys = []
     if tb:
         for packet in container.demux(stream):
             if packet.is_keyframe and packet.pts is not None:
-                times.append(packet.pts * tb - start_offset)
+                keys.append((packet.pts * tb - start_offset, packet.pts))
         container.seek(0, stream=stream, backward=True, any_frame=False)
-    return sorted(times)
+    return sorted(keys)
 
 
-def _last_before(times: list[float], t: float) -> float:
-    """The last keyframe time <= t (0 when unknown)."""
+def _last_before(keys: list[tuple[float, int]], t: float) -> tuple[float, int | None]:
+    """The last keyframe at or before time t: ``(time, pts)``, or ``(0.0, None)`` when there is none."""
     import bisect
 
-    j = bisect.bisect_right(times, t + 1e-6) - 1
-    return times[j] if j >= 0 else 0.0
+    j = bisect.bisect_right(keys, (t + 1e-6, float("inf"))) - 1
+    return keys[j] if j >= 0 else (0.0, None)
 
 
 def _has_container_signature(path: Path) -> bool:
@@ -216,10 +216,11 @@ def _extract_pyav(path: Path, clips, frames: _Frames, threads: int):
         floor = -math.inf  # after a seek: frames before the keyframe are leading pictures of an open GOP
         decoded_any = False
         while i < len(targets):
-            kf = _last_before(keyframes, targets[i][0])
+            kf, kf_pts = _last_before(keyframes, targets[i][0])
             if tb and (prev is None or kf > prev[1] + min_skip):
-                if prev is not None or kf > 0:
-                    container.seek(int((kf + start_offset) / tb), stream=stream, backward=True, any_frame=False)
+                if kf_pts is not None and (prev is not None or kf > 0):
+                    # the keyframe's own pts: a rounded time could land on the keyframe before it
+                    container.seek(kf_pts, stream=stream, backward=True, any_frame=False)
                     floor = kf
                 prev = None
             jumped = False
@@ -242,7 +243,7 @@ def _extract_pyav(path: Path, clips, frames: _Frames, threads: int):
                             frames.take(targets[i], serial, pts, rgb(frame))
                         i += 1
                     prev = (serial, pts, frame)
-                    if i < len(targets) and _last_before(keyframes, targets[i][0]) > pts + min_skip:
+                    if i < len(targets) and _last_before(keyframes, targets[i][0])[0] > pts + min_skip:
                         jumped = True
                         break
             except av.error.FFmpegError as e:  # a damaged stream mid-file: keep what was decoded
