@@ -23,6 +23,21 @@ VERBS: dict[str, tuple[str, str, str]] = {
         "sharding.job:run",
         "videos + timestamped captions -> WebDataset shards of JPEG frames (Ray)",
     ),
+    "pretrain": (
+        "ptrain.schema:PretrainConfig",
+        "ptrain.train:run",
+        "contrastive post-pretraining with DeepSpeed ZeRO on shards (one process per rank; see launch/pretrain.sh)",
+    ),
+    "eval": (
+        "ptrain.schema:EvalConfig",
+        "ptrain.evaluate:run",
+        "embed held-out shards with an export and report R@1/5/10, MdR, MnR (+ the sample-data direction probe)",
+    ),
+    "convert": (
+        "ptrain.model.config:ConvertConfig",
+        "ptrain.model.convert:run",
+        "import a CLIP4Clip / CLIP2Video checkpoint (or OpenAI/HF CLIP) into a ptrain export directory",
+    ),
 }
 
 

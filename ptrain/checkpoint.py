@@ -1,0 +1,236 @@
+"""Checkpoints: save every N steps, keep the last K, resume from the newest COMPLETE one, on any world size.
+
+Layout of ``RUN/checkpoints/step_NNNNNNNN/`` (NNNNNNNN = optimizer steps done):
+
+    deepspeed/            DeepSpeed's own files (per-rank ZeRO partitions; client state = trainer state)
+    zero_to_fp32.py       DeepSpeed's offline consolidation script (written by DeepSpeed)
+    consolidated/         full fp32 weights (weights.safetensors) + full Adam moments (moments.safetensors)
+    rng/rank_NNNNN.*      each rank's torch / numpy / python RNG state
+    export/               model.safetensors + config.json: what downstream jobs read (ptrain.load)
+    trainer_state.json    step, samples seen, data cursor, world size, ZeRO stage, precision
+    COMPLETE              written last; a directory without it is ignored and pruned
+
+Resume: same world size, ZeRO stage and precision -> DeepSpeed's ``load_checkpoint`` (bit-exact).
+Otherwise -> the consolidated tensors are scattered into the new engine's partitions
+(:func:`ptrain.engine.load_full_state`): same fp32 master weights, Adam moments and step count, so
+the continued run equals the uninterrupted one up to the summation order of the gradient reduction.
+The data cursor is the optimizer step: the loader seeks to it (``build_train_loader(start_step=)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from ptrain import engine as E
+from ptrain.model.config import ModelConfig
+from ptrain.schema import CheckpointConfig
+
+NATIVE_TAG = "deepspeed"
+STATE_FILE = "trainer_state.json"
+COMPLETE = "COMPLETE"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"step_{step:08d}"
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """COMPLETE checkpoints of a run, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).is_file() and _step_of(p) >= 0]
+    return sorted(found, key=_step_of)
+
+
+def latest_complete(run_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(run_dir: str | Path, cfg: CheckpointConfig) -> Path | None:
+    """The checkpoint to resume from (``cfg.resume``: auto | none | a step directory), or None."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return latest_complete(run_dir)
+    path = Path(cfg.resume)
+    if path.is_dir() and not (path / COMPLETE).is_file() and latest_complete(path) is not None:
+        path = latest_complete(path)  # a run directory: its newest checkpoint
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(
+            f"checkpoint.resume={cfg.resume}: not a complete checkpoint (no {COMPLETE} marker); "
+            f"pass a RUN/checkpoints/step_N directory, a run directory, or resume=auto"
+        )
+    return path
+
+
+def find_export(path: str | Path) -> Path:
+    """An export directory from an export dir, a step_N checkpoint or a run directory (newest COMPLETE)."""
+    p = Path(path)
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        return p
+    if (p / "export" / "config.json").is_file():
+        return p / "export"
+    latest = latest_complete(p)
+    if latest is not None:
+        return latest / "export"
+    raise FileNotFoundError(
+        f"{p}: no export found; pass an export directory (model.safetensors + config.json), "
+        f"a RUN/checkpoints/step_N directory or a run directory with a COMPLETE checkpoint"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# save
+
+
+_EXPORT_TWIN: dict[str, Any] = {}
+
+
+def _export(model_cfg: ModelConfig, weights: dict[str, torch.Tensor], out: Path) -> None:
+    """Rank 0: load the gathered fp32 weights into a plain (non-DeepSpeed) model and save_export it."""
+    from ptrain.model import build_model, save_export
+
+    key = json.dumps(model_cfg.__dict__, sort_keys=True, default=str)
+    twin = _EXPORT_TWIN.get(key)
+    if twin is None:  # why: built once per run; a plain module never triggers ZeRO-3 gathers on one rank
+        twin = build_model(model_cfg).float().eval()
+        _EXPORT_TWIN.clear()
+        _EXPORT_TWIN[key] = twin
+    twin.load_state_dict(weights, strict=True)
+    save_export(twin, out)
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    return tensors, meta
+
+
+def _restore_rng(directory: Path, rank: int) -> bool:
+    tensors_file, meta_file = directory / f"rank_{rank:05d}.safetensors", directory / f"rank_{rank:05d}.json"
+    if not tensors_file.is_file() or not meta_file.is_file():
+        return False
+    tensors = load_file(str(tensors_file))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    meta = json.loads(meta_file.read_text())
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    p = meta["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    return True
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def save(engine, model_cfg: ModelConfig, run_dir: str | Path, state: dict[str, Any], cfg: CheckpointConfig) -> Path:
+    """Write ``step_{state['step']}`` (every rank must call this); returns its path."""
+    rank = dist.get_rank()
+    out = step_dir(run_dir, state["step"])
+    if rank == 0:
+        if out.exists():  # a half-written directory of an interrupted earlier attempt
+            shutil.rmtree(out)
+        (out / "rng").mkdir(parents=True)
+    dist.barrier()
+    state = dict(state, optimizer_steps=E.optimizer_step_count(engine), saved_at=time.time())
+    E.save_native(engine, str(out), NATIVE_TAG, client_state={"trainer_state": state})
+    weights, moments = E.gather_full_state(engine)
+    tensors, meta = _rng_state()
+    save_file(tensors, str(out / "rng" / f"rank_{rank:05d}.safetensors"))
+    _write_json(out / "rng" / f"rank_{rank:05d}.json", meta)
+    if rank == 0:
+        (out / "consolidated").mkdir()
+        save_file(weights, str(out / "consolidated" / "weights.safetensors"))
+        if cfg.consolidated_optimizer and moments:
+            save_file(moments, str(out / "consolidated" / "moments.safetensors"))
+        _export(model_cfg, weights, out / "export")
+        _write_json(out / STATE_FILE, state)
+    dist.barrier()
+    if rank == 0:
+        _write_json(out / COMPLETE, {"step": state["step"], "time": time.time()})
+        prune(run_dir, cfg.keep_last)
+    return out
+
+
+def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and incomplete ones older than them."""
+    complete = complete_checkpoints(run_dir)
+    keep = set(complete[-keep_last:])
+    newest_kept = _step_of(complete[-1]) if complete else -1
+    removed = []
+    for p in checkpoints_dir(run_dir).glob("step_*"):
+        stale_partial = not (p / COMPLETE).is_file() and _step_of(p) < newest_kept
+        if (p in complete and p not in keep) or stale_partial:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------
+# load
+
+
+def load(engine, path: Path, zero_stage: int, precision: str) -> tuple[dict[str, Any], str]:
+    """Restore ``engine`` (+ this rank's RNG) from checkpoint ``path``; returns (trainer state, how)."""
+    state = json.loads((path / STATE_FILE).read_text())
+    world = dist.get_world_size()
+    same_layout = (state["world_size"], state["zero_stage"], state["precision"]) == (world, zero_stage, precision)
+    if same_layout:
+        E.load_native(engine, str(path), NATIVE_TAG)
+        how = "DeepSpeed state (same world size and ZeRO stage)"
+    else:
+        moments_file = path / "consolidated" / "moments.safetensors"
+        if not moments_file.is_file():
+            raise FileNotFoundError(
+                f"{path} was saved on {state['world_size']} rank(s) with ZeRO-{state['zero_stage']} {state['precision']} "
+                f"but this run has {world} rank(s), ZeRO-{zero_stage} {precision}, and the checkpoint has no consolidated "
+                f"optimizer state ({moments_file}, written when checkpoint.consolidated_optimizer=true); relaunch "
+                f"with the original layout, or start a new run from its weights"
+            )
+        weights = load_file(str(path / "consolidated" / "weights.safetensors"))
+        moments = load_file(str(moments_file))
+        E.load_full_state(engine, weights, moments, state.get("optimizer_steps", state["step"]))
+        how = (
+            f"consolidated fp32 state (saved on {state['world_size']} rank(s) ZeRO-{state['zero_stage']} "
+            f"{state['precision']}, now {world} rank(s) ZeRO-{zero_stage} {precision})"
+        )
+    if not _restore_rng(path / "rng", dist.get_rank()):
+        # A rank that did not exist when saving: a fresh stream that still depends only on (seed, step, rank).
+        torch.manual_seed(hash((state.get("seed", 0), state["step"], dist.get_rank())) & 0x7FFFFFFF)
+    return state, how

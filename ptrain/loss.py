@@ -1,0 +1,93 @@
+"""Symmetric InfoNCE over the global batch (open_clip style), with multi-positive masks.
+
+    from ptrain.loss import contrastive_loss
+    loss, stats = contrastive_loss(text_BD, video_BD, logit_scale, group_ids_B,
+                                   local_loss=False, gather_with_grad=True)
+
+- Features are L2-normalised rows; ``logit_scale`` is the (already clamped) multiplier.
+- Under ``torch.distributed`` the features of every rank are all-gathered. ``gather_with_grad=True``
+  sends every rank's gradient back to the rank that owns the rows, so averaging parameter gradients
+  across ranks (DDP / DeepSpeed) gives exactly the single-process gradient on the concatenated batch.
+- ``local_loss=False``: every rank computes the same N x N loss (N = global batch).
+  ``local_loss=True``: each rank computes its B rows against all N columns in both directions (B x N,
+  linear memory); the mean over ranks equals the global loss, so gradients are again exact.
+- Multi-positive: samples with equal ``group_ids`` (e.g. two captions of one video) are positives of
+  each other. A row's loss is MIL-NCE style, -log(sum of softmax over its positives); with one
+  positive per row this is the usual cross-entropy on the diagonal.
+- The tight (cross-encoder) head scores only local pairs: ``pairwise_loss`` on its B x B logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ptrain import distributed as du
+
+
+def multi_positive_nce(logits_RC: torch.Tensor, positive_RC: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of logsumexp(all) - logsumexp(positives). Every row needs >= 1 positive."""
+    logits_RC = logits_RC.float()
+    all_R = torch.logsumexp(logits_RC, dim=1)
+    pos_R = torch.logsumexp(logits_RC.masked_fill(~positive_RC, float("-inf")), dim=1)
+    return (all_R - pos_R).mean()
+
+
+def _top1_hits(logits_RC: torch.Tensor, positive_RC: torch.Tensor) -> torch.Tensor:
+    best_R = logits_RC.argmax(dim=1)
+    return positive_RC.gather(1, best_R[:, None]).float().mean()
+
+
+def _default_groups(batch: int, device) -> torch.Tensor:
+    # Without group ids every sample is its own group: ids unique across ranks.
+    return torch.arange(batch, device=device) + du.rank() * batch
+
+
+def contrastive_loss(
+    text_BD: torch.Tensor,
+    video_BD: torch.Tensor,
+    logit_scale: torch.Tensor,
+    group_ids_B: torch.Tensor | None = None,
+    *,
+    local_loss: bool = False,
+    gather_with_grad: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Symmetric InfoNCE of normalised text/video rows; returns (loss, detached stats)."""
+    if text_BD.shape != video_BD.shape:
+        raise ValueError(f"text features {tuple(text_BD.shape)} and video features {tuple(video_BD.shape)} must match.")
+    batch = text_BD.shape[0]
+    groups_B = _default_groups(batch, text_BD.device) if group_ids_B is None else group_ids_B.to(text_BD.device).long()
+    gather = du.all_gather_with_grad if gather_with_grad else du.all_gather_no_grad
+    text_ND, video_ND = gather(text_BD.float()), gather(video_BD.float())
+    groups_N = du.all_gather_tensor(groups_B)
+    scale = logit_scale.float()
+
+    if local_loss:
+        # Local rows x global columns in both directions.
+        positive_BN = groups_B[:, None] == groups_N[None, :]
+        logits_t2v = scale * text_BD.float() @ video_ND.t()
+        logits_v2t = scale * video_BD.float() @ text_ND.t()
+        loss_t2v = multi_positive_nce(logits_t2v, positive_BN)
+        loss_v2t = multi_positive_nce(logits_v2t, positive_BN)
+        hits = _top1_hits(logits_t2v.detach(), positive_BN)
+    else:
+        # The full global N x N matrix, identical on every rank.
+        positive_NN = groups_N[:, None] == groups_N[None, :]
+        logits_t2v = scale * text_ND @ video_ND.t()
+        loss_t2v = multi_positive_nce(logits_t2v, positive_NN)
+        loss_v2t = multi_positive_nce(logits_t2v.t(), positive_NN)
+        start = du.rank() * batch if du.is_initialized() else 0
+        rows = slice(start, start + batch)
+        hits = _top1_hits(logits_t2v.detach()[rows], positive_NN[rows])
+    loss = 0.5 * (loss_t2v + loss_v2t)
+    return loss, {"loss_t2v": loss_t2v.detach(), "loss_v2t": loss_v2t.detach(), "acc_t2v": hits}
+
+
+def pairwise_loss(logits_BB: torch.Tensor, group_ids_B: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Symmetric InfoNCE on a local B x B score matrix (tightTransf: no temperature, no gather)."""
+    batch = logits_BB.shape[0]
+    groups_B = torch.arange(batch, device=logits_BB.device) if group_ids_B is None else group_ids_B.to(logits_BB.device)
+    positive_BB = groups_B[:, None] == groups_B[None, :]
+    loss_t2v = multi_positive_nce(logits_BB, positive_BB)
+    loss_v2t = multi_positive_nce(logits_BB.t(), positive_BB)
+    hits = _top1_hits(logits_BB.detach(), positive_BB)
+    return 0.5 * (loss_t2v + loss_v2t), {"loss_t2v": loss_t2v.detach(), "loss_v2t": loss_v2t.detach(), "acc_t2v": hits}

@@ -1,0 +1,135 @@
+"""Export and load: the self-describing model directory that downstream jobs read.
+
+    from ptrain.model.api import save_export, load
+    save_export(model, "RUN/checkpoints/step_00001000/export")   # model.safetensors + config.json
+    model = ptrain.load("RUN/checkpoints/step_00001000/export")   # strict: every key must match
+
+Layout of an export directory:
+- ``config.json``: a Hugging Face ``CLIPConfig`` (``model_type: clip``) plus a ``"ptrain"`` section:
+  ``format_version``, ``ptrain_version``, ``model`` (the full ``ModelConfig``: head, frames,
+  frame size, head options ...), ``normalization`` (mean/std of pixel values in [0, 1]),
+  ``tokenizer`` (type, SOT/EOT ids, vocab size, max_words, vocabulary file), ``logit_scale``.
+- ``model.safetensors``: the CLIP weights under Hugging Face names (``text_model.*``,
+  ``vision_model.*``, ``visual_projection.weight``, ``text_projection.weight``, 0-dim ``logit_scale``)
+  and the head weights under ``head.*`` / ``tab.*`` (3D patch: ``vision_model.embeddings.patch_embedding_3d.weight``).
+
+So ``transformers.CLIPModel.from_pretrained(export_dir)`` loads the CLIP part (ignoring the head keys)
+and ``ptrain.load`` rebuilds the whole model with a strict key check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import CLIPConfig
+
+import ptrain
+from ptrain.model.clip import clip_from_hf_state
+from ptrain.model.config import ModelConfig
+from ptrain.model.video_text import CLIP_MEAN, CLIP_STD, VideoTextModel
+
+FORMAT_VERSION = 1
+
+
+def export_state_dict(model: VideoTextModel, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Export key layout of ``model.state_dict()`` (or of a consolidated ZeRO-3 state dict)."""
+    sd = model.state_dict() if state_dict is None else state_dict
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        key = key[len("module."):] if key.startswith("module.") else key  # a wrapped model's state dict
+        if key.startswith("clip."):
+            out[key[len("clip."):]] = value
+        elif key == "logit_scale.log_scale":
+            out["logit_scale"] = value.reshape(())
+        else:
+            out[key] = value
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def _ptrain_section(model: VideoTextModel, log_scale: torch.Tensor) -> dict:
+    cfg = model.cfg
+    return {
+        "format_version": FORMAT_VERSION,
+        "ptrain_version": ptrain.__version__,
+        "model": asdict(cfg),
+        "normalization": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "input": "RGB in [0, 1] after /255"},
+        "tokenizer": {
+            "type": "clip_bpe",
+            "vocab": cfg.tokenizer or "ptrain/model/bpe_simple_vocab_16e6.txt.gz",
+            "sot_token_id": 49406,
+            "eot_token_id": 49407,
+            "vocab_size": model.clip.config.text_config.vocab_size,
+            "max_words": cfg.max_words,
+            "truncation": "SOT + first max_words-2 tokens + EOT, zero padded",
+        },
+        "logit_scale": min(float(log_scale.float().exp()), cfg.max_logit_scale),
+    }
+
+
+def save_export(model: VideoTextModel, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    """Write ``out_dir/{model.safetensors,config.json}`` atomically (files renamed into place).
+
+    ``state_dict``: pass a consolidated state dict (e.g. DeepSpeed ZeRO-3's 16-bit consolidation on
+    rank 0) when the module's own parameters are partitioned."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = export_state_dict(model, state_dict)
+    config = model.clip.config.to_dict()
+    config["architectures"] = ["CLIPModel"]
+    config["logit_scale_init_value"] = float(tensors["logit_scale"])
+    config["ptrain"] = _ptrain_section(model, tensors["logit_scale"])  # from tensors: ZeRO-3 params may be partitioned
+    # Write to temporaries in the same directory, then rename: readers never see half a file.
+    with tempfile.NamedTemporaryFile(dir=out, suffix=".safetensors.tmp", delete=False) as f:
+        tmp_weights = f.name
+    save_file(tensors, tmp_weights, metadata={"format": "pt", "ptrain": "export"})
+    tmp_config = out / "config.json.tmp"
+    tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp_weights, out / "model.safetensors")
+    os.replace(tmp_config, out / "config.json")
+    return out
+
+
+def _model_config(section: dict, path: Path) -> ModelConfig:
+    known = {f.name for f in fields(ModelConfig)}
+    values = {k: v for k, v in section.get("model", {}).items() if k in known}
+    try:
+        return ModelConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}/config.json: invalid ptrain.model section: {e}") from None
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> VideoTextModel:
+    """Load an export directory written by ``save_export`` (or ``ptrain convert``); eval mode."""
+    path = Path(path)
+    cfg_file, weights = path / "config.json", path / "model.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a ptrain export directory (needs config.json and model.safetensors); "
+            "point at RUN/checkpoints/step_N/export or the output of `ptrain convert`."
+        )
+    raw = json.loads(cfg_file.read_text())
+    section = raw.pop("ptrain", None)
+    if section is None:
+        raise ValueError(f"{cfg_file} has no 'ptrain' section: this is a plain Hugging Face CLIP; use model.clip={str(path)!r} instead.")
+    if section.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer ptrain (format {section['format_version']}); upgrade ptrain.")
+    cfg = _model_config(section, path)
+    tensors = load_file(str(weights), device="cpu")
+    clip_state = {k: v for k, v in tensors.items() if not k.startswith(("head.", "tab."))}
+    rest = {k: v for k, v in tensors.items() if k.startswith(("head.", "tab."))}
+    clip, scale = clip_from_hf_state(CLIPConfig.from_dict(raw), clip_state, cfg.linear_patch)
+    model = VideoTextModel(cfg, clip, scale, init_from_clip=False)
+    rest["logit_scale.log_scale"] = tensors["logit_scale"].reshape(1).float()
+    missing, unexpected = model.load_state_dict({**{f"clip.{k}": v for k, v in clip.state_dict().items()}, **rest}, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights}: weights do not match head {cfg.head}: missing {missing[:4]}, unexpected {unexpected[:4]}.")
+    model = model.to(map_location)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

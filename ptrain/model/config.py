@@ -1,0 +1,111 @@
+"""Model and convert configs (stdlib only: importing this never imports torch).
+
+    from ptrain.model.config import ModelConfig
+    cfg = ModelConfig(clip="ViT-B/32", head="seqTransf", num_frames=12)
+
+``clip`` names the backbone: ``tiny`` (tests), ``ViT-B/32``, ``ViT-B/16``, ``ViT-L/14`` (random
+init at that size), a local Hugging Face CLIP directory or hub id (``CLIPModel.from_pretrained``),
+or an OpenAI checkpoint file ``*.pt`` (TorchScript or plain state dict, converted to the HF layout).
+
+Heads (``head``): ``meanP``, ``seqLSTM``, ``seqTransf``, ``tightTransf`` (CLIP4Clip); ``TDB``
+(seqTransf + CLIP2Video's temporal difference block) and ``TAB`` (CLIP2Video's temporal alignment
+block on top of the ``tab_global`` branch; ``head=TAB`` with defaults is the released CLIP2Video).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ptrain.config import opt
+
+HEADS = ("meanP", "seqLSTM", "seqTransf", "tightTransf", "TDB", "TAB")
+NAMED_SIZES = ("tiny", "ViT-B/32", "ViT-B/16", "ViT-L/14")
+
+
+@dataclass
+class ModelConfig:
+    """The video-text model: CLIP backbone, temporal head, loss options."""
+
+    clip: str = opt("tiny", "backbone: tiny | ViT-B/32 | ViT-B/16 | ViT-L/14 (random init), a HF dir/id, or an OpenAI .pt")
+    head: Literal["meanP", "seqLSTM", "seqTransf", "tightTransf", "TDB", "TAB"] = opt(
+        "meanP", "similarity head (CLIP4Clip: meanP seqLSTM seqTransf tightTransf; CLIP2Video: TDB TAB)"
+    )
+    num_frames: int = opt(12, "frames per clip (T); clips with fewer frames are padded and masked")
+    max_words: int = opt(32, "text length in tokens including SOT and EOT")
+    frame_size: int = opt(224, "square frame side in pixels; must equal the backbone's image size")
+    linear_patch: Literal["2d", "3d"] = opt("2d", "patch embedding: 2d per frame, or 3d (kernel 3 over time, central-frame init)")
+    cross_layers: int = opt(4, "depth of the temporal transformer (seqTransf/TDB/TAB) and of the tightTransf cross encoder")
+    tdb_proj: Literal["raw", "sigmoid_mlp", "sigmoid_selfA"] = opt(
+        "sigmoid_selfA", "TDB difference transform: raw subtraction, 2*sigmoid(LN(d W))-1, or 1-layer attention + sigmoid"
+    )
+    tab_global: Literal["TDB", "seqTransf"] = opt("TDB", "head=TAB: the global branch fused with the alignment score")
+    tab_centers: int = opt(5, "head=TAB: number K of shared alignment centres")
+    tab_motion: Literal["none", "TAB", "TAB_TDB"] = opt(
+        "TAB_TDB", "head=TAB: extra motion tokens from every 2nd frame: none, 1-layer transformer, or TDB + transformer"
+    )
+    tab_weight: float = opt(0.5, "head=TAB: w in w*global + (1-w)*alignment, for the score and the loss")
+    tight_dropout: float = opt(0.1, "tightTransf: dropout on the cross-encoder input (CLIP4Clip uses 0.1)")
+    compat: bool = opt(
+        False,
+        "reproduce reference quirks that change numbers (head-major attention-mask layout, TDB mask off-by-one); "
+        "for imported CLIP2Video checkpoints only",
+    )
+    local_loss: bool = opt(False, "InfoNCE over local rows x global columns (linear memory) instead of the full global matrix")
+    gather_with_grad: bool = opt(True, "all-gather features with gradient (exact global-batch gradients)")
+    logit_scale_init: float = opt(0.0, "initial logit scale (the multiplier, not its log); 0 = from the checkpoint, or 1/0.07 at random init")
+    max_logit_scale: float = opt(100.0, "the logit scale is clamped to at most this inside forward")
+    grad_checkpointing: bool = opt(False, "recompute CLIP encoder layers in backward to save activation memory")
+    tokenizer: str = opt("", "tokenizer vocabulary: '' = the CLIP BPE file shipped in ptrain/model/, or a HF tokenizer dir")
+
+    def __post_init__(self):
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {self.num_frames}.")
+        if self.max_words < 2:
+            raise ValueError(f"max_words must be at least 2 (room for SOT and EOT), got {self.max_words}.")
+        if self.max_words > 77:
+            raise ValueError(f"max_words is {self.max_words} but CLIP's text position table has 77 rows; use at most 77.")
+        if self.frame_size < 8:
+            raise ValueError(f"frame_size must be at least 8 pixels, got {self.frame_size}.")
+        if self.cross_layers < 1:
+            raise ValueError(f"cross_layers must be at least 1, got {self.cross_layers}.")
+        if self.head == "TAB":
+            if self.tab_centers < 1:
+                raise ValueError(f"tab_centers must be at least 1, got {self.tab_centers}.")
+            if not 0.0 <= self.tab_weight <= 1.0:
+                raise ValueError(f"tab_weight must lie in [0, 1], got {self.tab_weight}.")
+            if self.tab_motion == "TAB_TDB" and self.tab_global != "TDB":
+                raise ValueError(
+                    "tab_motion=TAB_TDB shares the TDB block of the global branch; set tab_global=TDB or "
+                    "choose tab_motion=TAB or none."
+                )
+        if self.head == "tightTransf" and 1 + self.num_frames > 77:
+            raise ValueError(f"tightTransf feeds 1 + num_frames tokens through a 77-row position table; num_frames={self.num_frames} is too many.")
+        if not 0.0 <= self.tight_dropout < 1.0:
+            raise ValueError(f"tight_dropout must lie in [0, 1), got {self.tight_dropout}.")
+        if self.logit_scale_init < 0 or self.max_logit_scale <= 0:
+            raise ValueError("logit_scale_init must be >= 0 (0 = default) and max_logit_scale > 0.")
+
+
+@dataclass
+class ConvertConfig:
+    """``ptrain convert``: import a CLIP4Clip / CLIP2Video checkpoint into an export directory."""
+
+    src: str = opt("", "checkpoint file (pytorch_model.bin.N) or an OpenAI .pt / HF CLIP dir with format=clip")
+    out: str = opt("", "export directory to write (model.safetensors + config.json)")
+    format: Literal["auto", "clip4clip", "clip2video", "clip"] = opt(
+        "auto", "source layout; auto tells CLIP4Clip from CLIP2Video by their head keys"
+    )
+    head: str = opt("auto", "head to build; auto infers it from the checkpoint keys")
+    num_frames: int = opt(12, "frames per clip the exported model expects")
+    max_words: int = opt(32, "text length the exported model uses")
+    tab_motion: Literal["TAB", "TAB_TDB"] = opt("TAB_TDB", "CLIP2Video center_proj (not recoverable from the keys)")
+    tab_weight: float = opt(0.5, "CLIP2Video center_weight")
+    compat: Literal["auto", "true", "false"] = opt(
+        "auto", "reference quirks: auto = on for CLIP2Video (its released numbers depend on them), off for CLIP4Clip"
+    )
+    overwrite: bool = opt(False, "replace an existing export directory")
+
+    def __post_init__(self):
+        if self.head != "auto" and self.head not in HEADS:
+            raise ValueError(f"head must be auto or one of {', '.join(HEADS)}, got {self.head!r}.")

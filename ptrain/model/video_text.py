@@ -1,0 +1,301 @@
+"""``VideoTextModel``: a CLIP backbone (vision tower per frame, text tower) + a temporal head + the loss.
+
+    from ptrain.model import ModelConfig, build_model
+    model = build_model(ModelConfig(clip="tiny", head="seqTransf", frame_size=32))
+    out = model(frames_BTCHW, frame_mask_BT, input_ids_BL, attention_mask_BL, group_ids_B)
+    out["loss"].backward()                    # the distributed InfoNCE, computed inside forward
+
+    text_N = model.encode_text(["a dog runs"])              # or ids [N, L] (+ attention_mask)
+    video_M = model.encode_video(frames_BTCHW, frame_mask_BT)
+    logits_NM = model.similarity(text_N, video_M)           # every head, tight and TAB included
+
+Features (what ``encode_*`` return; concatenate chunks along dim 0):
+- loose heads: L2-normalised rows [N, D]; similarity = logit_scale * text @ video.T.
+- TAB: rows [N, 2D] = [sqrt(w) * global, sqrt(1-w) * alignment], so the same dot product gives
+  w * S_global + (1-w) * S_TAB (CLIP2Video's fused score).
+- tightTransf: text = raw EOT features [N, D]; video = frame features [M, T, D] with padded frames
+  zeroed (the mask is recovered as "row is non-zero"); similarity runs the cross encoder per pair.
+
+Parameter groups: CLIP backbone parameters live under ``clip.``; ``param_group_names()`` returns
+``{"clip": [...], "new": [...]}`` with ``logit_scale`` in "clip" (CLIP4Clip trains it at the CLIP LR).
+
+Shapes: B batch, T frames, C=3, H=W=frame_size, L words, D joint width, N/M text/video rows.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptrain.loss import contrastive_loss, pairwise_loss
+from ptrain.model.clip import build_clip
+from ptrain.model.config import ModelConfig
+from ptrain.model.heads import MeanP, SeqLSTM, SeqTransf, TDBHead, TemporalAlignment, TightTransf
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class LogitScale(nn.Module):
+    """The learnable temperature: a 1-D log-scale parameter (DeepSpeed rejects 0-dim ones), clamped
+    to ``max_scale`` inside forward (CLIP4Clip clamps after each step; the effect is the same)."""
+
+    def __init__(self, init_scale: float, max_scale: float = 100.0):
+        super().__init__()
+        self.max_log = math.log(max_scale)
+        self.log_scale = nn.Parameter(torch.tensor([math.log(init_scale)]))
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=self.max_log).exp().squeeze(0)
+
+
+class VideoTextModel(nn.Module):
+    """CLIP (``self.clip``, a ``transformers.CLIPModel`` without its 0-dim logit_scale) + ``self.head``
+    (+ ``self.tab`` for head=TAB) + ``self.logit_scale``. Build with ``build_model`` or ``ptrain.load``."""
+
+    def __init__(self, cfg: ModelConfig, clip, logit_scale: float, init_from_clip: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.clip = clip
+        self.logit_scale = LogitScale(cfg.logit_scale_init or logit_scale, cfg.max_logit_scale)
+        text_cfg = clip.config.text_config
+        dim, heads = clip.config.projection_dim, text_cfg.num_attention_heads
+        if dim % heads:
+            heads = max(h for h in range(1, dim + 1) if dim % h == 0 and h <= heads)
+        positions = max(text_cfg.max_position_embeddings, cfg.num_frames)
+        self.max_frames = positions
+        head_name = cfg.tab_global if cfg.head == "TAB" else cfg.head
+        if head_name == "meanP":
+            self.head = MeanP()
+        elif head_name == "seqLSTM":
+            self.head = SeqLSTM(dim)
+        elif head_name == "seqTransf":
+            self.head = SeqTransf(dim, cfg.cross_layers, heads, positions, cfg.compat)
+        elif head_name == "TDB":
+            self.head = TDBHead(dim, cfg.cross_layers, heads, positions, cfg.tdb_proj, cfg.compat)
+        elif head_name == "tightTransf":
+            self.head = TightTransf(dim, cfg.cross_layers, heads, max(positions, 1 + cfg.num_frames), cfg.tight_dropout, cfg.compat)
+            self.max_frames = max(positions, 1 + cfg.num_frames) - 1  # the text token takes position 0
+        self.tab = TemporalAlignment(dim, heads, cfg.tab_centers, cfg.tab_motion, cfg.compat) if cfg.head == "TAB" else None
+        # New modules start from CLIP's text blocks / position table, like the papers (skipped when
+        # the caller loads a full state dict next).
+        ok = not init_from_clip or self.head.init_from_clip(clip) is not False
+        if init_from_clip and self.tab is not None:
+            ok &= self.tab.init_from_clip(clip)
+        if not ok:
+            warnings.warn(
+                f"head {cfg.head}: some head modules keep a random init instead of copying CLIP text blocks "
+                f"(CLIP text: width {text_cfg.hidden_size}, {text_cfg.num_hidden_layers} blocks; head: width {dim}, "
+                f"cross_layers={cfg.cross_layers}).",
+                stacklevel=2,
+            )
+        if cfg.linear_patch == "3d":
+            # The 3D conv replaces the 2D one; keep the 2D weights (exported for HF) but frozen.
+            clip.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)
+        if self.is_tight:
+            self.logit_scale.log_scale.requires_grad_(False)  # the cross encoder's score has no temperature
+        if cfg.grad_checkpointing:
+            clip.gradient_checkpointing_enable()
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------------------------------
+    # encoders
+
+    @property
+    def is_tight(self) -> bool:
+        return isinstance(self.head, TightTransf)
+
+    def _param_dtype(self) -> torch.dtype:
+        return self.clip.visual_projection.weight.dtype
+
+    def frame_features(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
+        """CLIP image features of every frame -> [B, T, D] (padded frames are encoded too)."""
+        if frames_BTCHW.dim() != 5:
+            raise ValueError(f"frames must be [B, T, 3, H, W], got shape {tuple(frames_BTCHW.shape)}.")
+        B, T, C, H, W = frames_BTCHW.shape
+        size = self.clip.config.vision_config.image_size
+        if C != 3 or H != size or W != size:
+            raise ValueError(
+                f"frames are {C}x{H}x{W} but the model expects 3x{size}x{size} (model.frame_size); "
+                "resize and centre-crop frames to the model's frame size."
+            )
+        if T > self.max_frames:
+            raise ValueError(f"clips have {T} frames but the head's frame position table has {self.max_frames} rows; "
+                             f"build the model with num_frames >= {T}.")
+        x = frames_BTCHW.reshape(B * T, C, H, W)
+        if x.dtype == torch.uint8:
+            x = (x.float() / 255.0 - self.pixel_mean) / self.pixel_std
+        x = x.to(self._param_dtype())
+        vm = self.clip.vision_model
+        if self.cfg.linear_patch == "3d":
+            h = vm.embeddings(x, num_frames=T)
+        else:
+            h = vm.embeddings(x)
+        h = vm.encoder(inputs_embeds=vm.pre_layrnorm(h)).last_hidden_state
+        pooled = vm.post_layernorm(h[:, 0])
+        return self.clip.visual_projection(pooled).view(B, T, -1)
+
+    def text_features(self, input_ids_BL: torch.Tensor, all_tokens: bool = False):
+        """EOT features [B, D] (the highest id marks EOT), and with ``all_tokens`` every token [B, L, D]."""
+        h = self.clip.text_model(input_ids=input_ids_BL).last_hidden_state  # causal; padding never reaches EOT
+        eot = input_ids_BL.argmax(dim=-1)
+        rows = torch.arange(h.shape[0], device=h.device)
+        if all_tokens:
+            tokens_BLD = self.clip.text_projection(h)
+            return tokens_BLD[rows, eot], tokens_BLD
+        return self.clip.text_projection(h[rows, eot]), None
+
+    def _video_vectors(self, video_BTD, mask_BT):
+        """Loose heads: the normalised global vector, and for TAB the alignment vector too."""
+        mask_BT = mask_BT.to(video_BTD.device)
+        global_BD = self.head(video_BTD, mask_BT)
+        tab_BD = self.tab.video(video_BTD, mask_BT, self.head) if self.tab is not None else None
+        return global_BD, tab_BD
+
+    # ------------------------------------------------------------------------------------------
+    # training
+
+    def forward(self, frames, frame_mask, input_ids, attention_mask, group_ids=None) -> dict:
+        """The training step's forward: returns {"loss", "logit_scale", per-term stats} (stats detached)."""
+        # Heads run in the parameters' dtype (bf16 under DeepSpeed); the loss casts to fp32.
+        video_BTD = self.frame_features(frames)
+        text_BD, tokens_BLD = self.text_features(input_ids, all_tokens=self.tab is not None)
+        frame_mask = frame_mask.to(video_BTD.device)
+        scale = self.logit_scale()
+        if self.is_tight:
+            loss, stats = pairwise_loss(self.head(text_BD, video_BTD, frame_mask), group_ids)
+            return {"loss": loss, "logit_scale": scale.detach(), **stats}
+        global_BD, tab_BD = self._video_vectors(video_BTD, frame_mask)
+        opts = dict(local_loss=self.cfg.local_loss, gather_with_grad=self.cfg.gather_with_grad)
+        loss, stats = contrastive_loss(F.normalize(text_BD, dim=-1), global_BD, scale, group_ids, **opts)
+        out = {"logit_scale": scale.detach(), **stats}
+        if self.tab is not None:
+            text_tab = self.tab.text(tokens_BLD, attention_mask.to(video_BTD.device))
+            loss_tab, _ = contrastive_loss(text_tab, tab_BD, scale, group_ids, **opts)
+            w = self.cfg.tab_weight
+            out.update(loss_global=loss.detach(), loss_tab=loss_tab.detach())
+            loss = w * loss + (1 - w) * loss_tab
+        out["loss"] = loss
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # inference API
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP BPE ids and mask as LongTensors [N, max_words] (SOT + tokens + EOT, zero padded)."""
+        if self._tokenizer is None:
+            from ptrain.model.tokenizer import ClipTokenizer, get_tokenizer
+
+            self._tokenizer = ClipTokenizer(self.cfg.tokenizer) if self.cfg.tokenizer else get_tokenizer()
+        ids, mask = self._tokenizer(list(texts), max_words=self.cfg.max_words)
+        return torch.from_numpy(ids), torch.from_numpy(mask)
+
+    @torch.no_grad()
+    def encode_text(self, texts, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Text features from a list of strings or ids [N, L] (see the module docstring for the layout)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(texts, (list, tuple)):
+            ids, attention_mask = self.tokenize(texts)
+        else:
+            ids = texts
+        ids = ids.to(self.clip.visual_projection.weight.device).long()
+        if attention_mask is None:
+            # Real tokens run up to EOT (the highest id) inclusive.
+            attention_mask = (torch.arange(ids.shape[1], device=ids.device) <= ids.argmax(-1, keepdim=True)).long()
+        text_ND, tokens = self.text_features(ids, all_tokens=self.tab is not None)
+        if self.is_tight:
+            return text_ND.float()
+        text_ND = F.normalize(text_ND.float(), dim=-1)
+        if self.tab is None:
+            return text_ND
+        w = self.cfg.tab_weight
+        tab = self.tab.text(tokens, attention_mask.to(ids.device)).float()
+        return torch.cat([math.sqrt(w) * text_ND, math.sqrt(1 - w) * tab], dim=-1)
+
+    @torch.no_grad()
+    def encode_video(self, frames_BTCHW: torch.Tensor, frame_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Video features of uint8 (or normalised float) frames [B, T, 3, H, W]; mask 1 = real frame."""
+        device = self.clip.visual_projection.weight.device
+        frames_BTCHW = frames_BTCHW.to(device)
+        if frame_mask_BT is None:
+            frame_mask_BT = torch.ones(frames_BTCHW.shape[:2], dtype=torch.long, device=device)
+        frame_mask_BT = frame_mask_BT.to(device)
+        video_BTD = self.frame_features(frames_BTCHW)
+        if self.is_tight:
+            return video_BTD.float() * frame_mask_BT.unsqueeze(-1).float()
+        global_BD, tab_BD = self._video_vectors(video_BTD, frame_mask_BT)
+        if tab_BD is None:
+            return global_BD.float()
+        w = self.cfg.tab_weight
+        return torch.cat([math.sqrt(w) * global_BD.float(), math.sqrt(1 - w) * tab_BD.float()], dim=-1)
+
+    @torch.no_grad()
+    def similarity(self, text_features: torch.Tensor, video_features: torch.Tensor, pair_chunk: int = 4096) -> torch.Tensor:
+        """Logits [N_text, N_video] from ``encode_text`` / ``encode_video`` outputs (any chunk of them)."""
+        if self.is_tight:
+            if video_features.dim() != 3:
+                raise ValueError("tightTransf video features are [M, T, D] frame features from encode_video.")
+            mask = (video_features.abs().sum(-1) > 0).long()
+            dtype = self._param_dtype()
+            return self.head(text_features.to(dtype), video_features.to(dtype), mask, pair_chunk=pair_chunk).float()
+        return self.logit_scale().float() * text_features @ video_features.t()
+
+    # ------------------------------------------------------------------------------------------
+    # bookkeeping
+
+    def param_group_names(self) -> dict[str, list[str]]:
+        """Trainable parameter names: "clip" (backbone + logit_scale, the low-LR group) and "new"."""
+        groups: dict[str, list[str]] = {"clip": [], "new": []}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                groups["clip" if name.startswith(("clip.", "logit_scale.")) else "new"].append(name)
+        return groups
+
+    def flops_per_sample(self, tight_pairs: int = 1) -> int:
+        """Forward matmul FLOPs for one (video, text) pair (x3 for forward + backward).
+
+        Counts 2 * m * n * k for every matmul: CLIP on every frame (patch conv, qkv/out/MLP, attention
+        scores and values, projection), the text tower, and the head. tightTransf runs its cross
+        encoder ``tight_pairs`` times per sample (training scores the local B x B pairs: pass B)."""
+        cfg, vc, tc = self.cfg, self.clip.config.vision_config, self.clip.config.text_config
+        dim, T, L = self.clip.config.projection_dim, cfg.num_frames, cfg.max_words
+
+        def layers(n, d, mlp, count):
+            return count * (2 * n * (4 * d * d + 2 * d * mlp) + 4 * n * n * d)
+
+        patches = (vc.image_size // vc.patch_size) ** 2
+        kernel = 3 * vc.patch_size**2 * (3 if cfg.linear_patch == "3d" else 1)
+        frame = 2 * patches * kernel * vc.hidden_size + layers(patches + 1, vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers)
+        frame += 2 * vc.hidden_size * dim
+        text = layers(L, tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers)
+        text += 2 * tc.hidden_size * dim * (L if self.tab is not None else 1)
+        head_name = cfg.tab_global if cfg.head == "TAB" else cfg.head
+        head = 0
+        if head_name == "seqLSTM":
+            head = T * 2 * 4 * dim * (2 * dim)
+        elif head_name == "seqTransf":
+            head = layers(T, dim, 4 * dim, cfg.cross_layers)
+        elif head_name == "TDB":
+            head = layers(2 * T - 1, dim, 4 * dim, cfg.cross_layers)
+            head += {"sigmoid_selfA": layers(T - 1, dim, 4 * dim, 1), "sigmoid_mlp": 2 * (T - 1) * dim * dim}.get(cfg.tdb_proj, 0)
+        elif head_name == "tightTransf":
+            head = tight_pairs * (layers(T + 1, dim, 4 * dim, cfg.cross_layers) + 2 * dim * dim + 2 * dim)
+        if self.tab is not None:
+            S = (T + 1) // 2
+            head += {"TAB": layers(S, dim, 4 * dim, 1), "TAB_TDB": layers(2 * S - 1, dim, 4 * dim, 1)}.get(cfg.tab_motion, 0)
+            tokens = T + (S if cfg.tab_motion != "none" else 0) + L
+            head += 2 * tokens * cfg.tab_centers * dim
+        return int(T * frame + text + head)
+
+
+def build_model(cfg: ModelConfig) -> VideoTextModel:
+    """Build the model for ``cfg`` (random / HF / OpenAI CLIP per ``cfg.clip``; heads from CLIP)."""
+    clip, scale = build_clip(cfg.clip, cfg.frame_size, cfg.linear_patch)
+    return VideoTextModel(cfg, clip, scale)

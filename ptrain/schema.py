@@ -1,0 +1,192 @@
+"""Root configs of ``ptrain pretrain`` and ``ptrain eval`` and their training sections (stdlib only).
+
+    from ptrain.config import load_config
+    from ptrain.schema import PretrainConfig
+    cfg = load_config(PretrainConfig, "configs/demo/pretrain_tiny.yaml", ["engine.zero_stage=3"])
+
+Sections: ``model`` (:class:`ptrain.model.config.ModelConfig`), ``data``
+(:class:`ptrain.data.config.DataConfig`), ``optim``, ``engine`` (DeepSpeed), ``checkpoint``, ``log``
+and ``eval`` (retrieval on held-out shards during training). Each builder gets its own section only;
+``ptrain/engine.py`` derives the DeepSpeed JSON from ``engine`` (+ the clip setting of ``optim``).
+Importing this module never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ptrain.config import opt, section
+from ptrain.data.config import DataConfig
+from ptrain.model.config import ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with CLIP4Clip's two learning rates, a warmup + cosine schedule and layer freezing."""
+
+    lr: float = opt(1e-4, "peak learning rate of the new modules (temporal head, TAB)")
+    coef_lr: float = opt(
+        1e-2,
+        "CLIP backbone (and temperature) learning rate = lr * coef_lr. CLIP4Clip's 1e-3 was nearly frozen by its fp16 "
+        "weights; with fp32 master weights 1e-3 really trains CLIP, so pick it on purpose",
+    )
+    weight_decay: float = opt(0.2, "decoupled weight decay; never applied to norms, biases, embeddings, the temperature")
+    betas: list[float] = opt([0.9, 0.98], "Adam beta1, beta2 (CLIP: 0.9, 0.98)")
+    eps: float = opt(1e-6, "Adam epsilon")
+    warmup_steps: int = opt(-1, "linear warmup steps; -1 = warmup_fraction * max_steps")
+    warmup_fraction: float = opt(0.1, "warmup length as a fraction of max_steps when warmup_steps is -1 (CLIP4Clip: 0.1)")
+    schedule: Literal["cosine", "constant"] = opt("cosine", "after warmup: cosine decay to min_lr_ratio, or constant")
+    min_lr_ratio: float = opt(0.0, "the cosine ends at lr * min_lr_ratio")
+    freeze_layer_num: int = opt(
+        -1,
+        "-1: train all of CLIP; k >= 0: freeze CLIP's embeddings and pre-norm and its first k layers per tower "
+        "(CLIP4Clip semantics: 0 freezes only the embeddings)",
+    )
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.coef_lr < 0:
+            raise ValueError(f"lr must be positive and coef_lr non-negative, got lr={self.lr}, coef_lr={self.coef_lr}.")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}.")
+        if self.weight_decay < 0 or self.eps <= 0:
+            raise ValueError("weight_decay must be >= 0 and eps > 0.")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction}.")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}.")
+        if self.freeze_layer_num < -1:
+            raise ValueError(f"freeze_layer_num must be -1 (train everything) or >= 0, got {self.freeze_layer_num}.")
+
+
+@dataclass
+class EngineConfig:
+    """DeepSpeed: ZeRO stage, precision, batch geometry, clipping (turned into the DeepSpeed JSON)."""
+
+    zero_stage: int = opt(2, "ZeRO stage 0-3 (1-2 are right for ViT-B/L CLIP: 3 moves 1.5x the bytes for nothing)")
+    precision: Literal["bf16", "fp16", "fp32"] = opt("bf16", "compute precision; bf16/fp16 keep fp32 master weights")
+    micro_batch_size: int = opt(32, "clips per rank per forward pass (also this rank's share of the negatives)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (does NOT add contrastive negatives)")
+    grad_clip: float = opt(1.0, "global gradient-norm clip applied by DeepSpeed inside step(); 0 = off")
+    grad_accum_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "gradient accumulation dtype; auto = fp32 for bf16 ZeRO-1 (DeepSpeed's BF16_Optimizer), else DeepSpeed's default"
+    )
+    communication_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "gradient all-reduce dtype; auto = fp32 on CPU (gloo has no bf16 reduce), else the compute dtype"
+    )
+    reduce_bucket_size: int = opt(200_000_000, "ZeRO reduce / all-gather bucket size in elements")
+    overlap_comm: bool = opt(False, "overlap gradient reduction with backward (uses ~4.5x the bucket size in memory)")
+    peak_tflops: float = opt(
+        0.0, "peak dense TFLOP/s of one device in the compute dtype, for MFU; 0 = detect on known GPUs (CPU: set it)"
+    )
+    dist_timeout_s: int = opt(1800, "collective timeout in seconds: how long a rank waits for a lost peer before failing")
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}.")
+        if self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(
+                f"micro_batch_size and grad_accum must be >= 1, got {self.micro_batch_size} and {self.grad_accum}."
+            )
+        if self.grad_clip < 0 or self.peak_tflops < 0 or self.reduce_bucket_size < 1 or self.dist_timeout_s < 1:
+            raise ValueError("grad_clip and peak_tflops must be >= 0, reduce_bucket_size and dist_timeout_s >= 1.")
+
+
+@dataclass
+class CheckpointConfig:
+    """RUN/checkpoints/step_NNNNNNNN/: DeepSpeed state + consolidated state + export/ + COMPLETE."""
+
+    every_steps: int = opt(1000, "save every N optimizer steps (and always at the end); 0 = only at the end")
+    keep_last: int = opt(3, "keep the newest K complete checkpoints, delete older ones")
+    resume: str = opt(
+        "auto", "auto: continue from the newest COMPLETE checkpoint of run_dir if any; none: start fresh; or a step_N dir"
+    )
+    consolidated_optimizer: bool = opt(
+        True, "also save full (unpartitioned) fp32 weights + Adam moments, so a run can resume on a different world size"
+    )
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.keep_last < 1:
+            raise ValueError(f"every_steps must be >= 0 and keep_last >= 1, got {self.every_steps} and {self.keep_last}.")
+        if not self.resume:
+            raise ValueError("resume must be 'auto', 'none' or a checkpoint directory, got ''.")
+
+
+@dataclass
+class LogConfig:
+    """Rank-0 console (progress bar), RUN/metrics.jsonl and TensorBoard under RUN/tb/."""
+
+    every_steps: int = opt(10, "write metrics every N optimizer steps")
+    tensorboard: bool = opt(True, "write TensorBoard events under RUN/tb/")
+    progress_bar: bool = opt(True, "show a progress bar on an interactive terminal (plain lines otherwise)")
+
+    def __post_init__(self):
+        if self.every_steps < 1:
+            raise ValueError(f"every_steps must be >= 1, got {self.every_steps}.")
+
+
+@dataclass
+class EvalDuringTrainConfig:
+    """Retrieval on data.eval_sources every N steps (R@1/5/10, MdR, MnR in metrics.jsonl)."""
+
+    every_steps: int = opt(0, "evaluate every N optimizer steps and at the end; 0 = never")
+    batch_size: int = opt(32, "clips per rank per eval batch")
+    max_samples: int = opt(0, "evaluate on the first N held-out samples only (0 = all)")
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.batch_size < 1 or self.max_samples < 0:
+            raise ValueError("eval.every_steps and eval.max_samples must be >= 0 and eval.batch_size >= 1.")
+
+
+@dataclass
+class PretrainConfig:
+    """``ptrain pretrain``: contrastive post-pretraining on shards, one process per rank (DeepSpeed)."""
+
+    run_dir: str = opt("runs/pretrain", "run directory: config.yaml, metrics.jsonl, tb/, checkpoints/")
+    max_steps: int = opt(1000, "optimizer steps of the whole run (the LR schedule spans them)")
+    seed: int = opt(0, "seed of the model init, the data order and the augmentations")
+    model: ModelConfig = section(ModelConfig, "the video-text model")
+    data: DataConfig = section(DataConfig, "training and held-out shards")
+    optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
+    engine: EngineConfig = section(EngineConfig, "DeepSpeed engine")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints and resume")
+    log: LogConfig = section(LogConfig, "logging")
+    eval: EvalDuringTrainConfig = section(EvalDuringTrainConfig, "retrieval eval during training")
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}.")
+        if not self.run_dir:
+            raise ValueError("run_dir is required: the directory for checkpoints, logs and the resolved config.")
+        if self.eval.every_steps and not self.data.eval_sources:
+            raise ValueError("eval.every_steps is set but data.eval_sources is empty; give held-out shards or set eval.every_steps=0.")
+
+
+@dataclass
+class ProbeConfig:
+    """Motion-direction probe on clips of ``ptrain sample-data`` (ground truth from sample_meta.json)."""
+
+    sample_meta: str = opt("", "sample_meta.json of the corpus the eval shards came from; '' = no probe")
+    min_overlap: float = opt(0.8, "a clip is probed if one event covers at least this fraction of it")
+
+
+@dataclass
+class EvalConfig:
+    """``ptrain eval``: embed held-out shards with an export and report retrieval metrics."""
+
+    export: str = opt("", "export dir (model.safetensors + config.json), a step_N checkpoint or a run dir (newest COMPLETE)")
+    shards: list[str] = opt([], "held-out shard directories / patterns (every sample once)")
+    batch_size: int = opt(32, "clips per eval batch")
+    max_samples: int = opt(0, "evaluate the first N samples only (0 = all)")
+    caption_filter: str = opt("", "regex: only captions matching it are text queries (the gallery keeps every clip)")
+    dsl: bool = opt(False, "also report dual-softmax (DSL) re-weighted numbers, side by side with the raw ones")
+    out: str = opt("", "write the metrics as JSON to this file ('' = print only)")
+    probe: ProbeConfig = section(ProbeConfig, "motion-direction probe (sample data)")
+
+    def __post_init__(self):
+        if not self.export:
+            raise ValueError("export is required: export=RUN/checkpoints/step_N/export (or a run dir).")
+        if not self.shards:
+            raise ValueError("shards is required: shards=[DIR] with held-out shards written by `ptrain shard`.")
+        if self.batch_size < 1 or self.max_samples < 0:
+            raise ValueError("batch_size must be >= 1 and max_samples >= 0.")

@@ -1,0 +1,143 @@
+"""`ptrain pretrain` in one process (a DeepSpeed world of one, CPU/gloo) on small generated shards:
+the run directory contract, a truncated shard skipped with a count, pruning, the export, eval."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_fixtures import write_shards
+from ptrain.config import load_config
+from ptrain.schema import PretrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env():
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train1")
+    shards = root / "shards"
+    write_shards(shards, num_shards=3, samples_per_shard=8, frames=(2, 3, 4), size=(32, 40))
+    # Cut one tar to 60 %: its sidecar promises 8 samples, the bytes hold fewer.
+    tar = shards / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: int(tar.stat().st_size * 0.6)])
+    run = root / "run"
+    overrides = [
+        f"run_dir={run}", "max_steps=6", "model.clip=tiny", "model.head=seqTransf", "model.num_frames=3",
+        "model.frame_size=32", "model.max_words=8", "model.cross_layers=1", f"data.sources=[{shards}]",
+        "data.num_workers=0", f"data.eval_sources=[{shards}]", "engine.zero_stage=1", "engine.precision=fp32",
+        "engine.micro_batch_size=4", "engine.grad_accum=2", "engine.peak_tflops=1", "checkpoint.every_steps=2",
+        "checkpoint.keep_last=2", "log.every_steps=1", "eval.every_steps=3", "eval.batch_size=8",
+        "optim.lr=1e-3", "optim.coef_lr=1",
+    ]
+    proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", *overrides], cwd=root, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"run": run, "shards": shards, "log": proc.stderr, "root": root}
+
+
+def test_run_directory_contract(trained):
+    run = trained["run"]
+    cfg = load_config(PretrainConfig, run / "config.yaml")  # the resolved config reloads
+    assert cfg.max_steps == 6 and cfg.engine.grad_accum == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr_new", "lr_clip", "logit_scale", "grad_norm", "samples_per_s", "frames_per_s",
+                "data_wait", "mfu", "samples_seen"):
+        assert key in train[-1], key
+    assert train[-1]["samples_seen"] == 6 * 4 * 2  # micro x accumulation x 1 rank
+    assert 0 < train[-1]["frames_per_s"] <= 3 * train[-1]["samples_per_s"] * 1.0001  # real frames only
+    assert 0 <= train[-1]["data_wait"] <= 1 and train[-1]["mfu"] > 0
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6] and "t2v_R1" in evals[0]
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    # keep_last=2: steps 4 and 6 survive, each complete with every part of the contract
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step_00000004", "step_00000006"]
+    for part in ("COMPLETE", "trainer_state.json", "export/model.safetensors", "export/config.json",
+                 "consolidated/weights.safetensors", "consolidated/moments.safetensors", "deepspeed",
+                 "rng/rank_00000.safetensors"):
+        assert (run / "checkpoints" / "step_00000006" / part).exists(), part
+    state = json.loads((run / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 1 and state["data"]["start_step"] == 6
+
+
+def test_truncated_shard_is_skipped_with_a_count(trained):
+    rows = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["kind"] == "train"][-1]
+    assert last["samples_skipped"] > 0 and last["shards_damaged"] == 1
+    assert "loader: skipped" in trained["log"]
+    assert "global batch 8 = micro 4 x ranks 1 x accumulation 2" in trained["log"]
+    assert "negatives per query 3" in trained["log"]
+
+
+def test_export_loads_and_matches_the_consolidated_weights(trained):
+    import torch
+    from safetensors.torch import load_file
+
+    import ptrain
+
+    ckpt = trained["run"] / "checkpoints" / "step_00000006"
+    model = ptrain.load(ckpt / "export")
+    full = load_file(str(ckpt / "consolidated" / "weights.safetensors"))
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), full[name]), name
+    text = model.encode_text(["the red circle moves to the left"])
+    video = model.encode_video(torch.randint(0, 255, (2, 3, 3, 32, 32), dtype=torch.uint8))
+    assert model.similarity(text, video).shape == (1, 2)
+
+
+def test_rerun_resumes_and_finds_nothing_to_do(trained):
+    proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", str(trained["run"] / "config.yaml")],
+                          cwd=trained["root"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step_00000006" in proc.stderr and "nothing to do" in proc.stderr
+
+
+def test_ptrain_eval_reports_metrics(trained, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "ptrain", "eval", f"export={trained['run']}",
+                           f"shards=[{trained['shards']}]", "caption_filter=video [0-4]", f"out={out}"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "t2v  R@1" in proc.stdout and "captions matching" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["all"]["n_video"] == result["all"]["n_text"] > 0
+    assert result["filtered"]["n_text"] < result["all"]["n_text"]
+    assert result["export"].endswith("step_00000006/export")
+
+
+def test_non_finite_loss_stops_with_a_message(tmp_path):
+    shards = tmp_path / "shards"
+    write_shards(shards, num_shards=1, samples_per_shard=8, frames=(3,), size=(32, 32))
+    overrides = [f"run_dir={tmp_path / 'run'}", "max_steps=4", "model.clip=tiny", "model.num_frames=3",
+                 "model.frame_size=32", "model.max_words=8", f"data.sources=[{shards}]", "data.num_workers=0",
+                 "engine.precision=fp32", "engine.micro_batch_size=4", "optim.lr=1e30", "optim.warmup_steps=0",
+                 "checkpoint.every_steps=1", "log.tensorboard=false"]
+    proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", *overrides], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "non-finite loss at step 2" in proc.stderr
+    assert "resume from" in proc.stderr and "step_00000001" in proc.stderr
+
+
+def test_reverse_frames_keeps_padding_at_the_end():
+    import torch
+
+    from ptrain.evaluate import reverse_frames
+
+    frames = torch.arange(2 * 4).reshape(2, 4, 1, 1, 1).expand(2, 4, 3, 2, 2).clone()
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    rev = reverse_frames(frames, mask)[:, :, 0, 0, 0]
+    assert rev.tolist() == [[2, 1, 0, 3], [7, 6, 5, 4]]
