@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# launch/demo.sh [DEMO_DIR]: the whole pipeline on one CPU machine in a few minutes.
+# launch/demo.sh [DEMO_DIR]: install (launch/setup.sh), then the whole pipeline on one CPU machine in a few minutes.
 #
 #   1. ptrain sample-data      a HowTo100M-style corpus of moving-shape videos with ASR captions
 #   2. ptrain shard (x2)       train / held-out video lists -> WebDataset shards (local Ray)
@@ -22,9 +22,10 @@ demo="${1:-$repo/demo}"
 videos="${DEMO_VIDEOS:-120}"
 steps="${DEMO_STEPS:-400}"
 heads="${DEMO_HEADS:-meanP TDB}"
-if ! command -v ptrain >/dev/null 2>&1 && [[ -x "$repo/.venv/bin/ptrain" ]]; then
-  export PATH="$repo/.venv/bin:$PATH"
-fi
+# install (idempotent) into .venv, or PTRAIN_VENV, and use it
+bash "$here/setup.sh"
+# shellcheck disable=SC1091
+. "${PTRAIN_VENV:-$repo/.venv}/bin/activate"
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 mkdir -p "$demo"
 t0=$SECONDS
