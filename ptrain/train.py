@@ -82,7 +82,9 @@ def run(cfg: PretrainConfig) -> int:
              f"{loader.global_batch_size}, starting at step {start_step}")
     log.step_done(start_step)
     try:
-        _loop(cfg, engine, loader, log, start_step, samples_seen, model.flops_per_sample())
+        # a tight head scores every sample against the whole local batch: count those cross-encoder pairs
+        tight_pairs = cfg.engine.micro_batch_size if cfg.model.head == "tightTransf" else 1
+        _loop(cfg, engine, loader, log, start_step, samples_seen, model.flops_per_sample(tight_pairs=tight_pairs))
     except (TrainingFailed, RuntimeError) as e:
         if not isinstance(e, TrainingFailed):
             if not _is_lost_peer(e):
