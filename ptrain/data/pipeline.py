@@ -242,18 +242,8 @@ class TrainStream(IterableDataset):
             _, sid, k = plan.locate(index)
             rng = np.random.default_rng([self.seed, index, 0xA06])  # augmentation: a function of the position
             for attempt in range(self.cfg.max_substitutes + 1):
-                try:
-                    key, members = store.read(sid, k)
-                    n, caption, meta = decode_sample(members, self.spec, rng, batch.frames_BTHWC[b])
-                    batch.fill(b, key, n, caption, meta, index)
+                if _read_into(store, sid, k, self.spec, rng, batch, b, index, stats):
                     break
-                except SampleMissing:
-                    stats["samples_missing"] += 1
-                except (SampleError, jpeg.JpegError):
-                    stats["samples_corrupt"] += 1
-                except OSError:
-                    stats["samples_unreadable"] += 1
-                batch.frames_BTHWC[b] = 0
                 sid, k = plan.substitute(index, attempt)
                 stats["samples_substituted"] += 1
             else:
@@ -266,6 +256,23 @@ class TrainStream(IterableDataset):
         out["_stats"] = dict(stats, _damaged=store.damaged[:])
         store.damaged.clear()
         return out
+
+
+def _read_into(store, sid: int, k: int, spec, rng, batch, b: int, index: int, stats: Counter) -> bool:
+    """Read sample ``k`` of shard ``sid`` into row ``b``; on damage count why, blank the row, return False."""
+    try:
+        key, members = store.read(sid, k)
+        n, caption, meta = decode_sample(members, spec, rng, batch.frames_BTHWC[b])
+        batch.fill(b, key, n, caption, meta, index)
+        return True
+    except SampleMissing:
+        stats["samples_missing"] += 1
+    except (SampleError, jpeg.JpegError):
+        stats["samples_corrupt"] += 1
+    except OSError:
+        stats["samples_unreadable"] += 1
+    batch.frames_BTHWC[b] = 0
+    return False
 
 
 class EvalStream(IterableDataset):
@@ -296,19 +303,9 @@ class EvalStream(IterableDataset):
                 index = g * self.B + b
                 if index < self.total:
                     sid = bisect.bisect_right(self.starts, index) - 1
-                    try:
-                        key, members = store.read(sid, index - self.starts[sid])
-                        n, caption, meta = decode_sample(members, self.spec, None, batch.frames_BTHWC[b])
-                        batch.fill(b, key, n, caption, meta, index)
+                    if _read_into(store, sid, index - self.starts[sid], self.spec, None, batch, b, index, stats):
                         valid[b] = 1
                         continue
-                    except SampleMissing:
-                        stats["samples_missing"] += 1
-                    except (SampleError, jpeg.JpegError):
-                        stats["samples_corrupt"] += 1
-                    except OSError:
-                        stats["samples_unreadable"] += 1
-                    batch.frames_BTHWC[b] = 0
                 batch.frame_mask_BT[b, 0] = 1  # a blank frame keeps mean pooling finite
             out = batch.finish()
             out["valid"] = torch.from_numpy(valid)
