@@ -21,8 +21,7 @@ import math
 
 import numpy as np
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from ptrain.model.config import CLIP_MEAN, CLIP_STD  # torch-free
 
 Box = tuple[float, float, float, float]
 

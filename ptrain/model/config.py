@@ -19,6 +19,10 @@ from typing import Literal
 
 from ptrain.config import opt
 
+# CLIP's image normalisation (OpenAI preprocessing); the model applies it to uint8 frames, exports record it
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 HEADS = ("meanP", "seqLSTM", "seqTransf", "tightTransf", "TDB", "TAB")
 NAMED_SIZES = ("tiny", "ViT-B/32", "ViT-B/16", "ViT-L/14")
 

@@ -33,11 +33,9 @@ from torch import nn
 
 from ptrain.loss import contrastive_loss, pairwise_loss
 from ptrain.model.clip import build_clip
-from ptrain.model.config import ModelConfig
+from ptrain.model.config import CLIP_MEAN, CLIP_STD, ModelConfig
 from ptrain.model.heads import MeanP, SeqLSTM, SeqTransf, TDBHead, TemporalAlignment, TightTransf
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class LogitScale(nn.Module):
