@@ -132,28 +132,41 @@ def test_rerun_is_a_noop_and_foreign_plan_is_refused(corpus, reference, capsys):
     assert tar_hashes(out) == before
 
 
+SLOW_COMMIT_HOOK = Path(__file__).parent / "hooks" / "slow_commit"  # sitecustomize.py: sleeps after each commit
+
+
 @pytest.mark.slow
 def test_kill_mid_run_then_rerun_is_byte_identical(corpus, reference, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "killed"
-    # one CPU and one video per decode task: shard groups finish one after another, so a kill lands mid-run
+    commit_log = tmp_path / "commits.log"
+    # one CPU and one video per decode task: shard groups run one after another; the test-only start-up hook makes
+    # every shard commit take 5 s more (slow storage), so the kill below always lands after the first commit
+    # and long before the last, however fast the machine is
     cmd = [sys.executable, "-m", "ptrain", "shard", *shard_args(corpus, out), "ray.num_cpus=1",
            "videos_per_decode_task=1"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    slow_env = {**os.environ, "PTRAIN_TEST_COMMIT_DELAY_S": "5", "PTRAIN_TEST_COMMIT_LOG": str(commit_log),
+                "PYTHONPATH": os.pathsep.join([str(SLOW_COMMIT_HOOK), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=slow_env)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not list(out.glob("shard-*.json")):
+        while time.time() < deadline and not list(out.glob("shard-*.json")) and proc.poll() is None:
             time.sleep(0.05)
         assert list(out.glob("shard-*.json")), "no shard was committed in time"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    # the hook ran in the Ray worker that wrote the shard (workers inherit the driver's environment), not the driver
+    committers = [line.split() for line in commit_log.read_text().splitlines()]
+    assert committers and all(int(pid) != proc.pid for pid, _shard in committers)
     done_before = len(list(out.glob("shard-*.json")))
-    assert done_before < len(tar_hashes(ref_out)), "the run finished before it could be killed"
+    assert 1 <= done_before < len(tar_hashes(ref_out)), "the run finished before it could be killed"
     last = sorted(tar_hashes(ref_out))[-1]
     (out / f".{last}.tmp").write_bytes(b"partial")  # what a kill during a write leaves
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    assert f"'.{last}.tmp'" in result.stdout  # reported as removed
     assert tar_hashes(out) == tar_hashes(ref_out)
     assert not list(out.glob(".*.tmp"))
     assert (out / "errors.jsonl").read_text() == (ref_out / "errors.jsonl").read_text()

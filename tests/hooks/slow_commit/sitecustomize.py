@@ -1,0 +1,49 @@
+"""Test-only start-up hook (never imported by production code): simulates slow shard storage.
+
+tests/test_shard_e2e.py puts this directory on PYTHONPATH of a ``ptrain shard`` subprocess. Every Python process
+started from it (the driver, and the Ray workers, which inherit the driver's environment) imports this module at
+start-up. When ``PTRAIN_TEST_COMMIT_DELAY_S`` is set, ``sharding.write.write_shard`` is wrapped so that it sleeps
+that long after each committed shard (tar + sidecar) and appends ``<pid> <shard>`` to
+``PTRAIN_TEST_COMMIT_LOG``, so the test can both kill the run between two commits and check that the hook really
+ran inside the Ray workers.
+"""
+
+import os
+
+_delay = os.environ.get("PTRAIN_TEST_COMMIT_DELAY_S")
+if _delay:
+    import functools
+    import time
+
+    import sharding.write as _write
+
+    _orig = _write.write_shard
+
+    @functools.wraps(_orig)
+    def _slow_write_shard(*args, **kwargs):
+        sidecar = _orig(*args, **kwargs)
+        log = os.environ.get("PTRAIN_TEST_COMMIT_LOG")
+        if log:
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()} {sidecar['shard']}\n")
+        time.sleep(float(_delay))
+        return sidecar
+
+    # before sharding.job does `from sharding.write import write_shard`, so the job binds the slow one
+    _write.write_shard = _slow_write_shard
+
+# keep any sitecustomize this one shadows (a distribution's, a coverage hook)
+def _chain() -> None:
+    import importlib.util
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.machinery.PathFinder.find_spec(
+        "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != here])
+    if spec is not None and spec.loader is not None:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+import importlib.machinery  # noqa: E402
+
+_chain()
