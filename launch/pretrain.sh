@@ -32,8 +32,9 @@
 #   launch/pretrain.sh --hostfile hosts.txt --no-ssh --node-rank 0 --master-addr 10.0.0.1 CONFIG.yaml
 #   launch/pretrain.sh --hostfile hosts.txt --no-ssh --node-rank 1 --master-addr 10.0.0.1 CONFIG.yaml
 #
-# Exit status: 0 done; otherwise the failing rank's status (3 non-finite loss, 4 out of memory,
-# 5 lost rank, 2 bad config); the newest complete checkpoint is printed on failure.
+# Exit status: 0 done; otherwise the failing rank's status (2 bad config or input, 3 non-finite loss or
+# gradient, 4 out of memory, 5 lost peers, 247 a rank killed by SIGKILL, e.g. by the OOM killer); what
+# happened and the newest complete checkpoint to resume from are printed on failure.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -133,7 +134,23 @@ status=$?
 set -e
 if [[ $status -ne 0 ]]; then
   latest="$(ls -d "$run_dir"/checkpoints/step_*/COMPLETE 2>/dev/null | sort | tail -n 1 || true)"
-  echo "launch/pretrain.sh: training failed (exit $status; a rank's message above says what happened)." >&2
+  case $status in
+    2) why="a bad config or input (the message above names it)" ;;
+    3) why="a non-finite loss or gradient (the rank's message above has the step)" ;;
+    4) why="out of memory on a rank (the rank's message above says what to lower)" ;;
+    5) why="a rank lost its peers (a node or process went away; the message above has the step)" ;;
+    *)
+      # the deepspeed launcher exits with a dead rank's negative return code: 256 - N for signal N
+      sig=0
+      if (( status > 128 && status < 256 )); then sig=$(( status > 192 ? 256 - status : status - 128 )); fi
+      if (( sig > 0 )); then
+        name="$(kill -l "$sig" 2>/dev/null || echo "$sig")"
+        why="a rank was killed by signal $sig (SIG$name): the kernel's OOM killer (see dmesg), the scheduler, a lost node, or a kill; the other ranks were stopped"
+      else
+        why="an error on a rank (its traceback is above)"
+      fi ;;
+  esac
+  echo "launch/pretrain.sh: training failed (exit $status): $why." >&2
   if [[ -n "$latest" ]]; then
     echo "launch/pretrain.sh: newest complete checkpoint: $(dirname "$latest"); re-run the same command to resume from it." >&2
   else

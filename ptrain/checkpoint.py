@@ -73,6 +73,13 @@ def latest_complete(run_dir: str | Path) -> Path | None:
 def resolve_resume(run_dir: str | Path, cfg: CheckpointConfig) -> Path | None:
     """The checkpoint to resume from (``cfg.resume``: auto | none | a step directory), or None."""
     if cfg.resume == "none":
+        existing = latest_complete(run_dir)
+        if existing is not None:
+            # why: a fresh run's checkpoints would be pruned together with (and mistaken for) the old run's
+            raise FileExistsError(
+                f"checkpoint.resume=none but run_dir {run_dir} already holds checkpoints (newest {existing.name}); "
+                f"use a new run_dir, delete {checkpoints_dir(run_dir)}, or resume=auto to continue that run"
+            )
         return None
     if cfg.resume == "auto":
         return latest_complete(run_dir)

@@ -131,16 +131,19 @@ def deepspeed_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
-def describe(ds: dict[str, Any], world_size: int, n_params: int, n_trainable: int, grad_checkpointing: bool) -> str:
-    """The start-of-run summary: global batch and, separately, the contrastive negatives per step."""
+def describe(ds: dict[str, Any], world_size: int, n_params: int, n_trainable: int, grad_checkpointing: bool,
+             local_negatives: bool = False) -> str:
+    """The start-of-run summary: global batch and, separately, the contrastive negatives per step.
+    ``local_negatives``: the loss scores the local micro-batch only (tightTransf's cross encoder)."""
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    negatives = micro * world_size - 1
+    negatives = micro - 1 if local_negatives else micro * world_size - 1
+    how = "micro - 1: the cross encoder scores local pairs only" if local_negatives else "micro x ranks - 1"
     return (
         f"DeepSpeed ZeRO-{ds['zero_optimization']['stage']} "
         f"{'bf16' if ds['bf16']['enabled'] else 'fp16' if ds['fp16']['enabled'] else 'fp32'} on {world_size} rank(s) "
         f"({device_name()}); params {n_params / 1e6:.2f}M, trainable {n_trainable / 1e6:.2f}M\n"
         f"global batch {ds['train_batch_size']} = micro {micro} x ranks {world_size} x accumulation {accum}; "
-        f"contrastive negatives per query {negatives} (= micro x ranks - 1: accumulation does not add negatives)\n"
+        f"contrastive negatives per query {negatives} (= {how}; accumulation does not add negatives)\n"
         f"gradient clipping {ds['gradient_clipping'] or 'off'}; activation checkpointing "
         f"{'on (CLIP layers, model.grad_checkpointing)' if grad_checkpointing else 'off'}"
     )
@@ -205,6 +208,41 @@ def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
         return 1.0
     progress = min(1.0, (step - warm) / max(1, max_steps - warm))
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def apply_group_hparams(engine, model: nn.Module, cfg: OptimConfig) -> None:
+    """Re-apply this config's per-group base lr and weight decay (after loading a checkpoint).
+
+    DeepSpeed's native load restores torch's param-group dicts as they were saved, so without this a
+    resumed run would silently keep the old ``optim.lr`` / ``coef_lr`` / ``weight_decay``."""
+    fresh = {g["name"]: g for g in param_groups(model, cfg)}
+    for group in engine.optimizer.param_groups:
+        ref = fresh.get(group.get("name"))
+        if ref is not None:
+            group["base_lr"], group["weight_decay"] = ref["base_lr"], ref["weight_decay"]
+
+
+def clamp_parameter_(engine, name: str, max_value: float) -> bool:
+    """Clamp parameter ``name`` to ``max_value`` in the optimizer's fp32 master (and the module copy).
+
+    A collective under ZeRO (every rank must call it). Used after each step for the log-temperature, as
+    CLIP4Clip clamps it: a clamp inside the forward alone has zero gradient above the bound, so once an
+    update crossed it the temperature could never come back down. Returns whether it clamped."""
+    p = dict(engine.module.named_parameters())[name]
+    if not p.requires_grad:  # frozen (e.g. a tight head's unused temperature): nothing updates it
+        return False
+    if _zero_managed(p):
+        full = safe_get_full_fp32_param(p)
+        if full is None or float(full.max()) <= max_value:
+            return False
+        safe_set_full_fp32_param(p, full.clamp(max=max_value))
+        if p.numel() == full.numel():  # ZeRO-1/2: the module holds the whole (low-precision) copy
+            p.data.clamp_(max=max_value)
+        return True
+    if float(p.data.max()) <= max_value:
+        return False
+    p.data.clamp_(max=max_value)
+    return True
 
 
 def set_lr(engine, multiplier: float) -> dict[str, float]:

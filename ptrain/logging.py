@@ -45,10 +45,7 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+        self._purge_step: int | None = None
         if cfg.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -62,6 +59,33 @@ class RunLogger:
         else:
             print(message, file=sys.stderr, flush=True)
 
+    def forget_after(self, step: int) -> None:
+        """Drop what an earlier, crashed attempt logged after ``step`` (the checkpoint this run resumes
+        from), so that every step appears once in metrics.jsonl and TensorBoard."""
+        if not self.enabled:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        self._jsonl.close()
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line)["step"]) <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by the crash
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        self._jsonl = open(path, "a", buffering=1)
+        self._purge_step = step + 1  # TensorBoard: events at later steps of older files are hidden
+
+    def _tensorboard(self):
+        if self._tb is None and self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=self._purge_step)
+        return self._tb
+
     def step_done(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)
@@ -72,10 +96,11 @@ class RunLogger:
             return
         clean = {k: v for k, v in values.items() if v is not None}
         self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), "kind": prefix, **clean}) + "\n")
-        if self._tb is not None:
+        tb = self._tensorboard()
+        if tb is not None:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+                    tb.add_scalar(f"{prefix}/{k}", v, step)
         parts = [fmt.format(clean[k]) for k, fmt in _CONSOLE if isinstance(clean.get(k), (int, float))]
         if prefix == "train":
             line = " | ".join(parts)

@@ -99,7 +99,8 @@ class CheckpointConfig:
     every_steps: int = opt(1000, "save every N optimizer steps (and always at the end); 0 = only at the end")
     keep_last: int = opt(3, "keep the newest K complete checkpoints, delete older ones")
     resume: str = opt(
-        "auto", "auto: continue from the newest COMPLETE checkpoint of run_dir if any; none: start fresh; or a step_N dir"
+        "auto", "auto: continue from the newest COMPLETE checkpoint of run_dir if any; none: start fresh (refused "
+        "when run_dir already holds checkpoints); or a step_N / run directory to start from"
     )
     consolidated_optimizer: bool = opt(
         True, "also save full (unpartitioned) fp32 weights + Adam moments, so a run can resume on a different world size"

@@ -45,7 +45,11 @@ def run(cfg: PretrainConfig) -> int:
     E.init_distributed(cfg.engine)
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.run_dir)
-    resume_from = ckpt.resolve_resume(run_dir, cfg.checkpoint)
+    try:
+        resume_from = ckpt.resolve_resume(run_dir, cfg.checkpoint)
+    except (FileNotFoundError, FileExistsError) as e:
+        print(f"ptrain pretrain: {e}", file=sys.stderr, flush=True)
+        return 2
     start_step = 0
     log = RunLogger(run_dir, cfg.log, enabled=rank == 0, total_steps=cfg.max_steps)
     if rank == 0:
@@ -58,29 +62,42 @@ def run(cfg: PretrainConfig) -> int:
     engine, ds_config = E.build_engine(model, cfg.optim, cfg.engine)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
-    log.info(E.describe(ds_config, world, n_params, n_train, cfg.model.grad_checkpointing))
+    log.info(E.describe(ds_config, world, n_params, n_train, cfg.model.grad_checkpointing,
+                        local_negatives=cfg.model.head == "tightTransf"))
     log.info("deepspeed config: " + json.dumps(ds_config, sort_keys=True))
     if frozen:
         log.info(f"frozen (optim.freeze_layer_num={cfg.optim.freeze_layer_num}): {len(frozen)} CLIP tensors")
 
-    # Resume: engine state (any world size) + the data cursor, which is the optimizer step.
+    # Resume: engine state (any world size) + the data cursor (optimizer step, samples consumed).
     samples_seen = 0
     if resume_from is not None:
         state, how = ckpt.load(engine, resume_from, cfg.engine.zero_stage, cfg.engine.precision)
+        E.apply_group_hparams(engine, model, cfg.optim)  # this config's lr / coef_lr / weight decay
         start_step, samples_seen = int(state["step"]), int(state["samples_seen"])
-        log.info(f"resumed from {resume_from} at step {start_step} via {how}")
+        log.info(f"resumed from {resume_from} at step {start_step} ({samples_seen} samples seen) via {how}")
+        saved_batch = int(state.get("data", {}).get("global_batch", 0))
+        new_batch = cfg.engine.micro_batch_size * world * cfg.engine.grad_accum
+        if saved_batch and saved_batch != new_batch:
+            log.info(f"the global batch changed from {saved_batch} to {new_batch}: the data goes on from sample "
+                     f"{samples_seen} (none read twice or skipped); the LR schedule goes on by step")
     if start_step >= cfg.max_steps:
         log.info(f"nothing to do: the run is at step {start_step} of max_steps={cfg.max_steps}")
         log.close()
         return 0
-    loader = build_train_loader(
-        cfg.data, num_frames=cfg.model.num_frames, frame_size=cfg.model.frame_size, max_words=cfg.model.max_words,
-        micro_batch_size=cfg.engine.micro_batch_size, rank=rank, world_size=world, seed=cfg.seed,
-        start_step=start_step, grad_accum=cfg.engine.grad_accum,
-    )
+    try:
+        loader = build_train_loader(
+            cfg.data, num_frames=cfg.model.num_frames, frame_size=cfg.model.frame_size, max_words=cfg.model.max_words,
+            micro_batch_size=cfg.engine.micro_batch_size, rank=rank, world_size=world, seed=cfg.seed,
+            start_step=start_step, grad_accum=cfg.engine.grad_accum, start_sample=samples_seen,
+        )
+    except (FileNotFoundError, ValueError) as e:  # missing or empty shard directories, bad sizes
+        print(f"ptrain pretrain: data: {e}", file=sys.stderr, flush=True)
+        log.close()
+        return 2
     log.info(f"data: {loader.num_shards} shards, epoch of {loader.epoch_size} samples, global batch "
              f"{loader.global_batch_size}, starting at step {start_step}")
     log.step_done(start_step)
+    log.forget_after(start_step)  # rows a crashed attempt logged after its last checkpoint
     try:
         # a tight head scores every sample against the whole local batch: count those cross-encoder pairs
         tight_pairs = cfg.engine.micro_batch_size if cfg.model.head == "tightTransf" else 1
@@ -107,9 +124,10 @@ def _loop(cfg: PretrainConfig, engine, loader, log: RunLogger, start_step: int, 
     batches = iter(loader)
     window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0, "frames": 0.0}
     reported_skips = 0
+    max_log_scale = math.log(cfg.model.max_logit_scale)
     for step in range(start_step, cfg.max_steps):
         lr_mult = E.lr_multiplier(step, cfg.optim, cfg.max_steps)
-        E.set_lr(engine, lr_mult)
+        lrs = E.set_lr(engine, lr_mult)
 
         # Forward/backward over the micro-batches; DeepSpeed steps the optimizer at the boundary.
         loss_sum, stats, frames = 0.0, {}, 0
@@ -139,16 +157,24 @@ def _loop(cfg: PretrainConfig, engine, loader, log: RunLogger, start_step: int, 
                 if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
                     stats[k] = stats.get(k, 0.0) + float(v) / accum
 
+        # The temperature's master weight is clamped after the update, as CLIP4Clip does (a collective).
+        E.clamp_parameter_(engine, "logit_scale.log_scale", max_log_scale)
+
         # One small all-reduce per step: the mean loss for the log, a shared non-finite verdict, frames.
-        vec = torch.tensor([loss_sum / accum, 0.0 if math.isfinite(loss_sum) else 1.0, frames], dtype=torch.float64,
-                           device=dev)
+        # A non-finite gradient norm counts too: under bf16/fp32 DeepSpeed does not skip such a step, so
+        # the weights are already poisoned and must never reach a checkpoint.
+        gnorm = E.grad_norm(engine)
+        bad = not math.isfinite(loss_sum) or (gnorm is not None and not math.isfinite(gnorm))
+        vec = torch.tensor([loss_sum / accum, float(bad), frames], dtype=torch.float64, device=dev)
         dist.all_reduce(vec)
         loss, nonfinite = float(vec[0]) / world, int(vec[1])
         window["frames"] += float(vec[2])
         if nonfinite:
             raise TrainingFailed(
-                f"non-finite loss at step {step + 1} on {nonfinite} rank(s) (loss {loss}); lower optim.lr, check "
-                f"engine.precision (bf16 is the safe choice) or inspect the batch of this step", EXIT_NONFINITE)
+                f"non-finite loss or gradient at step {step + 1} on {nonfinite} rank(s) (loss {loss}, grad norm "
+                f"{gnorm}); resuming repeats the same batches, so change something first: lower optim.lr (the "
+                f"checkpoint's lr is replaced by the config's), check engine.precision (bf16 is the safe choice) "
+                f"or inspect this step's batch", EXIT_NONFINITE)
         samples_seen += global_batch
         done = step + 1
         window["steps"] += 1
@@ -159,8 +185,10 @@ def _loop(cfg: PretrainConfig, engine, loader, log: RunLogger, start_step: int, 
             sps = window["steps"] * global_batch / max(elapsed, 1e-9)
             skipped = sum(v for k, v in loader.stats.items() if k.startswith("samples_") and k != "samples_substituted")
             metrics = {
-                "loss": loss, "lr_new": lr_mult * cfg.optim.lr, "lr_clip": lr_mult * cfg.optim.lr * cfg.optim.coef_lr,
-                "grad_norm": E.grad_norm(engine), "samples_per_s": sps, "frames_per_s": window["frames"] / max(elapsed, 1e-9),
+                # the optimizer's own rates (after a resume too), not recomputed from the config
+                "loss": loss, "lr_new": lrs.get("new_decay", lrs.get("new_no_decay")),
+                "lr_clip": lrs.get("clip_decay", lrs.get("clip_no_decay")),
+                "grad_norm": gnorm, "samples_per_s": sps, "frames_per_s": window["frames"] / max(elapsed, 1e-9),
                 "data_wait": window["wait"] / max(elapsed, 1e-9), "samples_seen": samples_seen,
                 "epoch": loader.epoch_at(done), **stats,
                 "mfu": sps / world * 3 * flops_fwd / peak if peak else None,
@@ -175,7 +203,7 @@ def _loop(cfg: PretrainConfig, engine, loader, log: RunLogger, start_step: int, 
         if (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or done == cfg.max_steps:
             state = {"step": done, "samples_seen": samples_seen, "world_size": world, "seed": cfg.seed,
                      "zero_stage": cfg.engine.zero_stage, "precision": cfg.engine.precision,
-                     "data": {"start_step": done, "global_batch": global_batch}}
+                     "data": {"start_step": done, "start_sample": samples_seen, "global_batch": global_batch}}
             path = ckpt.save(engine, cfg.model, cfg.run_dir, state, cfg.checkpoint)
             log.info(f"checkpoint {path}")
             window["t"] = time.perf_counter()  # saving is not training time
@@ -189,7 +217,12 @@ def _loop(cfg: PretrainConfig, engine, loader, log: RunLogger, start_step: int, 
             window["t"] = time.perf_counter()
 
 
+# What gloo / NCCL / c10d say when a peer process or node went away (not every gloo or socket error).
+_LOST_PEER = ("connection closed by peer", "connection reset", "broken pipe", "timed out", "timeout",
+              "nccl communicator was aborted", "connection refused", "read error", "remote process exited",
+              "ncclremoteerror", "socket closed")
+
+
 def _is_lost_peer(e: BaseException) -> bool:
     text = str(e).lower()
-    return any(s in text for s in ("connection closed by peer", "connection reset", "broken pipe", "timed out",
-                                   "nccl communicator was aborted", "socket", "gloo"))
+    return any(s in text for s in _LOST_PEER)

@@ -130,6 +130,24 @@ def test_resume_at_step_k_equals_uninterrupted_across_world_sizes(shard_dir, bef
         assert torch.equal(f, full_frames[key])
 
 
+def test_resume_with_another_global_batch_goes_on_from_samples_seen(shard_dir):
+    """Saved at step 4 with global batch 6 (24 samples read); resumed on 1 rank with batch 4: the next
+    samples are positions 24, 25, ... of the uninterrupted order, none read twice or skipped."""
+    d, _ = shard_dir
+    cfg = DataConfig(sources=[str(d)], num_workers=0)
+    full, _ = _steps(cfg, 2, 1, 3, 0, 8)  # global batch 6: positions 0..47
+    order = [k for s in range(8) for k in full[s]]
+    loader = build_train_loader(cfg, micro_batch_size=4, seed=3, start_step=4, start_sample=24, **SIZES)
+    batches = _take(loader, 3)
+    assert [b["step"] for b in batches] == [4, 5, 6]
+    assert [i for b in batches for i in b["index"].tolist()] == list(range(24, 36))
+    assert [k for b in batches for k in b["keys"]] == order[24:36]
+    assert loader.samples_before(6) == 32 and loader.epoch_at(6) == pytest.approx(32 / 24)
+    # the default cursor is step x global batch: an unchanged batch needs no start_sample
+    same = _take(build_train_loader(cfg, micro_batch_size=6, seed=3, start_step=4, **SIZES), 1)[0]
+    assert same["index"].tolist() == list(range(24, 30))
+
+
 def test_workers_do_not_change_the_stream(shard_dir):
     d, _ = shard_dir
     a = _take(build_train_loader(DataConfig(sources=[str(d)], num_workers=0), micro_batch_size=3, **SIZES), 5)

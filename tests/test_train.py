@@ -105,6 +105,33 @@ def test_rerun_resumes_and_finds_nothing_to_do(trained):
     assert "resumed from" in proc.stderr and "step_00000006" in proc.stderr and "nothing to do" in proc.stderr
 
 
+def test_resume_applies_the_new_learning_rate_and_logs_each_step_once(trained, tmp_path):
+    import shutil
+
+    from ptrain.engine import lr_multiplier
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    with open(run / "metrics.jsonl", "a") as f:  # what a crash after step 6's checkpoint would have logged
+        f.write(json.dumps({"step": 7, "kind": "train", "loss": 99.0}) + "\n" + '{"step": 8, "ki')
+    cfg = load_config(PretrainConfig, run / "config.yaml", [f"run_dir={run}", "max_steps=8", "optim.lr=5e-4"])
+    proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", str(run / "config.yaml"), f"run_dir={run}",
+                           "max_steps=8", "optim.lr=5e-4", "eval.every_steps=0"],
+                          cwd=trained["root"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in rows if r["kind"] == "train"}
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 9))  # the stale step 7 is gone
+    for step in (7, 8):  # the optimizer's rate (logged from its param groups) follows the new config
+        assert train[step]["lr_new"] == pytest.approx(5e-4 * lr_multiplier(step - 1, cfg.optim, 8))
+        assert train[step]["loss"] != 99.0
+    # starting over in a directory that holds checkpoints is refused, nothing is touched
+    again = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", str(run / "config.yaml"), f"run_dir={run}",
+                            "checkpoint.resume=none"], cwd=trained["root"], env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 2 and "already holds checkpoints (newest step_00000008)" in again.stderr
+
+
 def test_ptrain_eval_reports_metrics(trained, tmp_path):
     out = tmp_path / "eval.json"
     proc = subprocess.run([sys.executable, "-m", "ptrain", "eval", f"export={trained['run']}",
@@ -128,7 +155,7 @@ def test_non_finite_loss_stops_with_a_message(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", *overrides], env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-3000:]
-    assert "non-finite loss at step 2" in proc.stderr
+    assert "non-finite loss or gradient at step 2" in proc.stderr
     assert "resume from" in proc.stderr and "step_00000001" in proc.stderr
 
 

@@ -7,8 +7,11 @@
         ...                     # loader.stats: counters of skipped / substituted samples
 
 Micro-batch ``m`` (``m = step * grad_accum + micro_step``) of rank ``r`` holds the global positions
-``m*M + r*micro + [0, micro)`` with ``M = micro * world``: the union over one optimizer step is the
-same ``G = micro * world * grad_accum`` positions for any world size. DataLoader workers take
+``start_sample + (m - start_step*grad_accum)*M + r*micro + [0, micro)`` with ``M = micro * world``:
+the union over one optimizer step is the same ``G = micro * world * grad_accum`` positions for any
+world size. ``start_sample`` is the number of samples the run has consumed before ``start_step``
+(``step * G`` when the global batch never changed; the checkpoint's ``samples_seen`` after a resume
+with another global batch, so no sample is read twice or skipped). DataLoader workers take
 micro-batches round robin (worker ``w`` makes ``m0 + w, m0 + w + W, ...``), and DataLoader hands
 them back in that order, so the stream is identical for any number of workers.
 
@@ -130,7 +133,9 @@ class _Batch:
             "frame_mask": torch.from_numpy(self.frame_mask_BT),
             "input_ids": torch.from_numpy(np.asarray(ids_BL, dtype=np.int64)),
             "attention_mask": torch.from_numpy(np.asarray(mask_BL, dtype=np.int64)),
-            "group_ids": torch.tensor([group_id(v) if v else -1 for v in self.video_ids], dtype=torch.int64),
+            # a row without a video id is its own group (unique negative ids), never a positive of another
+            "group_ids": torch.tensor([group_id(v) if v else -2 - int(i) for v, i in zip(self.video_ids, self.index_B)],
+                                      dtype=torch.int64),
             "keys": list(self.keys),
             "video_ids": list(self.video_ids),
             "texts": list(self.texts),
@@ -216,10 +221,17 @@ class TrainStream(IterableDataset):
     """This rank's micro-batches from ``start_step`` on, forever (see the module docstring)."""
 
     def __init__(self, shards: list[Shard], weights: list[float], cfg: DataConfig, spec: ClipSpec, *,
-                 micro_batch_size: int, rank: int, world_size: int, grad_accum: int, seed: int, start_step: int):
+                 micro_batch_size: int, rank: int, world_size: int, grad_accum: int, seed: int, start_step: int,
+                 start_sample: int | None = None):
         self.shards, self.weights, self.cfg, self.spec = shards, weights, cfg, spec
         self.micro, self.rank, self.world, self.accum = micro_batch_size, rank, world_size, grad_accum
         self.seed, self.start_step = seed, start_step
+        G = micro_batch_size * world_size * grad_accum
+        self.start_sample = start_step * G if start_sample is None else int(start_sample)
+
+    def position(self, m: int) -> int:
+        """Global position of the first sample of micro-batch ``m`` (over all ranks)."""
+        return self.start_sample + (m - self.start_step * self.accum) * self.micro * self.world
 
     def make_plan(self) -> SamplePlan:
         return SamplePlan(
@@ -231,9 +243,8 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, nw = _worker()
         plan, store = self.make_plan(), _LocalShards(self.shards)
-        M = self.micro * self.world
         for m in itertools.count(self.start_step * self.accum + wid, nw):
-            base = m * M + self.rank * self.micro
+            base = self.position(m) + self.rank * self.micro
             yield self._batch(plan, store, range(base, base + self.micro), m)
 
     def _batch(self, plan: SamplePlan, store: _LocalShards, positions: range, m: int) -> dict[str, Any]:
@@ -344,10 +355,15 @@ class TrainLoader(_Loader):
         self.epoch_size = d.make_plan().epoch_size
         self.num_shards = len(d.shards)
         self.start_step = d.start_step
+        self.start_sample = d.start_sample
+
+    def samples_before(self, step: int) -> int:
+        """Global samples consumed before optimizer step ``step`` (``step >= start_step``)."""
+        return self.start_sample + (step - self.start_step) * self.global_batch_size
 
     def epoch_at(self, step: int) -> float:
         """Epochs (fractional) completed before optimizer step ``step``."""
-        return step * self.global_batch_size / self.epoch_size
+        return self.samples_before(step) / self.epoch_size
 
 
 class EvalLoader(_Loader):
@@ -373,11 +389,16 @@ def _check_sizes(num_frames: int, frame_size: int, max_words: int, batch: int, r
 
 def build_train_loader(cfg: DataConfig, *, num_frames: int, frame_size: int, max_words: int,
                        micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                       start_step: int = 0, grad_accum: int = 1) -> TrainLoader:
-    """This rank's training micro-batches from optimizer step ``start_step`` (exact resume by seeking)."""
+                       start_step: int = 0, grad_accum: int = 1, start_sample: int | None = None) -> TrainLoader:
+    """This rank's training micro-batches from optimizer step ``start_step`` (exact resume by seeking).
+
+    ``start_sample``: global samples consumed before ``start_step`` (default ``start_step`` x the global
+    batch); pass the checkpoint's ``samples_seen`` so that a resume with another global batch goes on
+    from the first unread sample."""
     _check_sizes(num_frames, frame_size, max_words, micro_batch_size, rank, world_size)
-    if grad_accum < 1 or start_step < 0:
-        raise ValueError(f"grad_accum must be >= 1 and start_step >= 0, got {grad_accum} and {start_step}")
+    if grad_accum < 1 or start_step < 0 or (start_sample is not None and start_sample < 0):
+        raise ValueError(f"grad_accum must be >= 1 and start_step, start_sample >= 0, got {grad_accum}, {start_step} "
+                         f"and {start_sample}")
     if not cfg.sources:
         raise ValueError("data.sources is empty; set data.sources=[DIR] to the output of `ptrain shard`")
     stats: dict = {}
@@ -392,7 +413,8 @@ def build_train_loader(cfg: DataConfig, *, num_frames: int, frame_size: int, max
         cls = StreamTrainStream
     get_tokenizer()  # load the vocabulary once here: forked workers inherit it
     ds = cls(shards, [s["weight"] for s in cfg.sources], cfg, spec, micro_batch_size=micro_batch_size,
-             rank=rank, world_size=world_size, grad_accum=grad_accum, seed=seed, start_step=start_step)
+             rank=rank, world_size=world_size, grad_accum=grad_accum, seed=seed, start_step=start_step,
+             start_sample=start_sample)
     return TrainLoader(ds, cfg, stats)
 
 

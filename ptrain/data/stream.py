@@ -6,10 +6,11 @@ What it keeps from the seekable loader: the same global shard order (``SamplePla
 so weighted mixing and virtual epochs work the same), splitting by rank and DataLoader worker, a
 seeded shuffle, per-sample augmentation seeds, damage counted and skipped. What it gives up:
 
-- *exact* resume. Resume is at shuffle-block granularity: ``start_step`` maps to a global sample
-  position, the stream restarts at the first shard of the block holding it, so up to one block of
-  samples (``shuffle_shards`` shards) is seen again; and the split of shards over streams depends on
-  ``world_size x num_workers``, so a different world size reads a different (equally valid) order.
+- *exact* resume. Resume is at shuffle-block granularity: ``start_sample`` (the samples consumed
+  before ``start_step``) is a global position; the stream restarts at the first shard of the block
+  holding it, so up to one block of samples (``shuffle_shards`` shards) is seen again; and the split
+  of shards over streams depends on ``world_size x num_workers``, so a different world size reads a
+  different (equally valid) order.
 - full micro-batches from one block: each (rank, worker) stream reads whole shards of its own, and a
   shuffle buffer (``8 x micro_batch`` samples, encoded bytes only) mixes their samples.
 
@@ -63,8 +64,7 @@ class StreamTrainStream(TrainStream):
 
     def _my_shards(self, plan, me: int, streams: int) -> Iterator[tuple[int, int, int]]:
         """(epoch, slot, shard id) of this stream from the block holding ``start_step`` on, forever."""
-        G = self.micro * self.world * self.accum
-        epoch, pos = divmod(self.start_step * G, plan.epoch_size)
+        epoch, pos = divmod(self.start_sample, plan.epoch_size)
         _, starts = plan.epoch_layout(epoch)
         first = (int(np.searchsorted(starts, pos, side="right")) - 1) * plan.block
         for e in itertools.count(epoch):
