@@ -37,14 +37,22 @@ class ExtractError(Exception):
         return (ExtractError, (self.cls, self.message))
 
 
+# A file whose header promises more than this beyond its last decodable frame (and at least 3 frame intervals) is
+# truncated; smaller differences are rounding, B-frame delay or an audio track slightly longer than the video.
+TRUNCATION_SLACK_S = 0.5
+
+
 @dataclass
 class VideoInfo:
     fps: float
     width: int
     height: int
-    duration: float
+    duration: float  # seconds; for a truncated file, where its decodable frames end
     codec: str
     decoder: str
+    last_pts: float = 0.0  # presentation time of the last decoded frame
+    header_duration: float = math.inf  # what the container/stream header claims (inf: not stated)
+    truncated: str = ""  # why the file is truncated (a decode error mid-stream, or fewer frames than the header says)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,14 +105,58 @@ def _check_file(path: Path) -> None:
         raise ExtractError("empty", f"{path}: zero-length file")
 
 
-def _span_errors(clips, duration: float, tolerance: float) -> dict[int, ExtractError]:
+def _truncation(header_duration: float, last_pts: float, fps: float, stream_error: str | None) -> str:
+    """Why a file is truncated ("" when it is not): decoding failed mid-stream, or its frames end well before
+    the duration its header states."""
+    frame_dt = 1.0 / (fps or 25.0)
+    if stream_error:
+        return f"decoding stopped after the frame at {last_pts:.2f} s: {stream_error}"
+    missing = header_duration - (last_pts + frame_dt)
+    if math.isfinite(header_duration) and missing > max(3 * frame_dt, TRUNCATION_SLACK_S):
+        return f"the header says {header_duration:.2f} s but the frames end at {last_pts + frame_dt:.2f} s"
+    return ""
+
+
+def _clip_errors(clips, info: VideoInfo, tolerance: float) -> dict[int, ExtractError]:
+    """Per-clip failures: ``span_beyond_end`` for a clip beyond the video's (stated) end, ``truncated`` for a clip
+    of a truncated file with a target more than 2 frame intervals past the last decodable frame (it would only get
+    copies of that frame)."""
+    # the end a complete file would have: the header's, or for a file that states none, where its frames end
+    # (unknown for a truncated one: then its clips are judged by the truncation alone)
+    if math.isfinite(info.header_duration):
+        end_of_video = info.header_duration
+    else:
+        end_of_video = None if info.truncated else info.duration
+    limit = info.last_pts + 2.0 / (info.fps or 25.0) + 1e-6
     errs = {}
-    for ci, (start, end, _targets) in enumerate(clips):
-        if start >= duration or end > duration + tolerance:
+    for ci, (start, end, targets) in enumerate(clips):
+        if end_of_video is not None and (start >= end_of_video or end > end_of_video + tolerance):
             errs[ci] = ExtractError(
-                "span_beyond_end", f"clip [{start:.2f}, {end:.2f}] s ends beyond the video's end ({duration:.2f} s)"
+                "span_beyond_end", f"clip [{start:.2f}, {end:.2f}] s ends beyond the video's end ({end_of_video:.2f} s)"
+            )
+        elif info.truncated and any(float(t) > limit for t in targets):
+            first = min(float(t) for t in targets if float(t) > limit)
+            errs[ci] = ExtractError(
+                "truncated", f"clip [{start:.2f}, {end:.2f}] s: its frames from {first:.2f} s on are missing: the "
+                             f"file is truncated ({info.truncated})"
             )
     return errs
+
+
+def _header_duration(path: Path) -> float:
+    """The video duration the header states (no decoding), inf when it states none or PyAV cannot read it."""
+    try:
+        import av
+
+        with av.open(str(path), mode="r") as container:
+            stream = container.streams.video[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            if container.duration:
+                return container.duration / 1e6
+    except Exception:  # noqa: BLE001 - only a cross-check for the decord path
+        pass
+    return math.inf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,11 +244,11 @@ def _extract_pyav(path: Path, clips, frames: _Frames, threads: int):
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
         width, height = ctx.width, ctx.height
         if stream.duration and tb:
-            duration = stream.duration * tb
+            header_duration = float(stream.duration * tb)
         elif container.duration:
-            duration = container.duration / 1e6
+            header_duration = container.duration / 1e6
         else:
-            duration = math.inf
+            header_duration = math.inf
         start_offset = float(stream.start_time * tb) if (stream.start_time and tb) else 0.0
         ow, oh = output_size(width, height, frames.frame_size) if width and height else (frames.frame_size,) * 2
 
@@ -211,6 +263,8 @@ def _extract_pyav(path: Path, clips, frames: _Frames, threads: int):
         min_skip = 2.0 / (fps or 25.0)
         i = 0
         prev = None  # (serial, pts, frame): the frame on screen until the next one
+        last = None  # the last frame decoded (prev is reset by a seek, this is not)
+        stream_error = None  # a decode error after some frames: the file is truncated or damaged from there on
         serial = 0
         last_pts = None
         floor = -math.inf  # after a seek: frames before the keyframe are leading pictures of an open GOP
@@ -242,26 +296,31 @@ def _extract_pyav(path: Path, clips, frames: _Frames, threads: int):
                         else:
                             frames.take(targets[i], serial, pts, rgb(frame))
                         i += 1
-                    prev = (serial, pts, frame)
+                    prev = last = (serial, pts, frame)
                     if i < len(targets) and _last_before(keyframes, targets[i][0])[0] > pts + min_skip:
                         jumped = True
                         break
             except av.error.FFmpegError as e:  # a damaged stream mid-file: keep what was decoded
-                if not decoded_any or prev is None:
+                if last is None:
                     err = _classify_av_error(path, e)
                     raise ExtractError("truncated" if decoded_any else err.cls, err.message) from None
-                duration = min(duration, prev[1] + 1e-3)
+                stream_error = f"{type(e).__name__}: {e}"
+                break
             if not jumped:
                 break  # end of stream
-        if not decoded_any:
+        if last is None:
             raise ExtractError("corrupt", f"{path}: no frame could be decoded")
-        if math.isinf(duration) and prev is not None:
-            duration = prev[1]
-        while i < len(targets) and prev is not None:  # after the last frame: it stays on screen
-            frames.take(targets[i], prev[0], prev[1], rgb(prev[2]))
+        # after the last frame it stays on screen; in a truncated file that is only right for the targets just
+        # after it: extract_clips fails the clips with targets further on (_clip_errors)
+        while i < len(targets):
+            frames.take(targets[i], last[0], last[1], rgb(last[2]))
             i += 1
+        truncated = _truncation(header_duration, last[1], fps, stream_error)
+        decoded_end = last[1] + 1.0 / (fps or 25.0)
+        duration = decoded_end if truncated or math.isinf(header_duration) else header_duration
 
-    return VideoInfo(fps=fps, width=width, height=height, duration=float(duration), codec=ctx.name, decoder="pyav")
+    return VideoInfo(fps=fps, width=width, height=height, duration=float(duration), codec=ctx.name, decoder="pyav",
+                     last_pts=float(last[1]), header_duration=float(header_duration), truncated=truncated)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +356,10 @@ def _extract_decord(path: Path, clips, frames: _Frames, threads: int):
             if j in batch:
                 img = Image.fromarray(batch[j]).resize((ow, oh), Image.BILINEAR, reducing_gap=2.0)
                 frames.take(target, j + 1, ts[j], lambda img=img: np.asarray(img))
-    return VideoInfo(fps=fps, width=w, height=h, duration=float(duration), codec="?", decoder="decord")
+    header_duration = _header_duration(path)
+    truncated = _truncation(header_duration, ts[-1], fps, None)
+    return VideoInfo(fps=fps, width=w, height=h, duration=float(duration), codec="?", decoder="decord",
+                     last_pts=float(ts[-1]), header_duration=header_duration, truncated=truncated)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,11 +399,11 @@ def extract_clips(
             continue
     else:
         raise first_error or ExtractError("decode_error", f"{path}: no decoder could read it")
-    span_errs = _span_errors(clips, info.duration, end_tolerance)
+    clip_errs = _clip_errors(clips, info, end_tolerance)
     per_clip: list = []
     for ci, serials in enumerate(frames.results):
-        if ci in span_errs:
-            per_clip.append(span_errs[ci])
+        if ci in clip_errs:
+            per_clip.append(clip_errs[ci])
         elif any(s is None for s in serials):
             per_clip.append(ExtractError("decode_error", f"clip {ci}: some frames could not be decoded"))
         else:

@@ -94,3 +94,46 @@ def test_worker_kills_a_hung_decode_and_serves_the_next(sample_corpus, tmp_path)
         assert len(per_clip[0]) == 1
     finally:
         worker.close()
+
+
+def cut_video(path, codec, options, seconds=4, fps=25, keep=0.5):
+    """A noise video (every frame costs about the same bytes) of ``seconds`` s, cut after ``keep`` of its bytes."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", options=options) as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.codec_context.gop_size = fps
+        for _ in range(seconds * fps):
+            for p in s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8),
+                                                         format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+@pytest.mark.parametrize("name,codec,options,decoders", [
+    ("faststart.mp4", "libx264", {"movflags": "+faststart"}, ["pyav"]),  # moov first: the header survives the cut
+    ("cut.mkv", "mpeg4", {}, ["pyav", "decord"]),  # FFmpeg reads it to the cut without an error
+])
+def test_half_cut_file_keeps_its_readable_clips_and_fails_the_rest_as_truncated(tmp_path, name, codec, options,
+                                                                                 decoders):
+    path = cut_video(tmp_path / name, codec, options)
+    dense = [(0.0, 1.0, [0.1, 0.3, 0.5, 0.7, 0.9]), (1.0, 1.5, [1.1, 1.3]), (1.5, 2.5, [1.7, 1.9, 2.1, 2.3]),
+             (2.5, 3.2, [2.6, 3.0]), (3.2, 3.9, [3.3, 3.8])]
+    sparse = [(0.0, 1.0, [0.5]), (2.5, 3.5, [3.0]), (3.0, 3.9, [3.5])]  # seeks to keyframes past the cut
+    for decoder in decoders:
+        for clips, readable in ((dense, 2), (sparse, 1)):
+            info, per_clip = extract_clips(path, clips, frame_size=32, decoder=decoder)
+            assert info.truncated and info.duration < 2.0 < info.header_duration, (decoder, info)
+            for (start, end, targets), result in zip(clips[:readable], per_clip[:readable]):
+                assert isinstance(result, list), (decoder, start, result)
+                for (t, _jpg), target in zip(result, targets):
+                    assert start - 1e-6 <= t <= end and abs(t - target) <= 1 / 25 + 1e-6
+            for result in per_clip[readable:]:  # not copies of the last decoded frame, and not span_beyond_end
+                assert isinstance(result, ExtractError) and result.cls == "truncated", (decoder, result)
+                assert "truncated" in result.message
