@@ -161,11 +161,22 @@ def _words(text: str) -> list[str]:
     return text.split()
 
 
+# A segment with start == end (an ASR line with a single timestamp) is widened to this duration, so that it has a
+# place in time: it can then only merge with a segment it really overlaps, and never gives a zero-length clip.
+ZERO_LENGTH_SECONDS = 0.5
+# Two segments "touch" when the second starts at most this long after the first ends (ASR timestamp rounding);
+# only then can the second's head repeat the first's tail (a rolling caption).
+TOUCH_SECONDS = 0.1
+
+
 def clean_segments(segments: list[Segment]) -> list[Segment]:
     """Undo YouTube rolling-ASR artefacts: sort, drop exact repeats, cut the repeated head of a segment that
-    re-shows the previous segment's tail, and remove time overlaps (a segment starts where the previous ends)."""
+    re-shows the previous segment's tail (only when the two overlap or touch in time: a word said again 10 s later
+    is kept), and remove time overlaps (a segment starts where the previous ends; one that ends inside the previous
+    one is merged into it). A zero-length segment is first widened to ``ZERO_LENGTH_SECONDS``."""
     ordered = sorted(
-        (Segment(s.start, s.end, " ".join(_words(s.text.replace("\n", " ")))) for s in segments),
+        (Segment(s.start, s.end if s.end > s.start else s.start + ZERO_LENGTH_SECONDS,
+                 " ".join(_words(s.text.replace("\n", " ")))) for s in segments),
         key=lambda s: (s.start, s.end, s.text),
     )
     out: list[Segment] = []
@@ -180,18 +191,18 @@ def clean_segments(segments: list[Segment]) -> list[Segment]:
                 # exact rolling repeat: keep one copy, spanning both
                 out[-1] = Segment(out[-1].start, max(out[-1].end, seg.end), out[-1].text)
                 continue
-            # the longest tail of the previous caption that is a head of this one
-            k = next((n for n in range(min(len(prev_raw), len(words)), 0, -1) if prev_raw[-n:] == words[:n]), 0)
-            words = words[k:]
+            if seg.start <= out[-1].end + TOUCH_SECONDS:
+                # the longest tail of the previous caption that is a head of this one
+                k = next((n for n in range(min(len(prev_raw), len(words)), 0, -1) if prev_raw[-n:] == words[:n]), 0)
+                words = words[k:]
             prev_raw = raw
             if not words:  # fully repeated: it only extends the previous segment
                 out[-1] = Segment(out[-1].start, max(out[-1].end, seg.end), out[-1].text)
                 continue
-            start = max(seg.start, out[-1].end)
-            if start >= seg.end:  # swallowed in time by the previous segment: merge its new words into it
-                out[-1] = Segment(out[-1].start, max(out[-1].end, seg.end), out[-1].text + " " + " ".join(words))
+            if seg.end <= out[-1].end:  # swallowed in time by the previous segment: merge its new words into it
+                out[-1] = Segment(out[-1].start, out[-1].end, out[-1].text + " " + " ".join(words))
                 continue
-            seg = Segment(start, seg.end, " ".join(words))
+            seg = Segment(max(seg.start, out[-1].end), seg.end, " ".join(words))
         prev_raw = raw
         out.append(seg)
     return out
@@ -264,13 +275,16 @@ def clip_frame_times(
     ``uniform``: ``num_frames`` times at the centres of equal parts of [start, end].
     ``fps``: one time every 1/fps s from ``start`` (CLIP4Clip's 1 fps sampling), then, when there are more than
     ``num_frames``, CLIP4Clip's ``slice_framepos``: keep the head, the tail, or evenly spaced ones.
+    A zero-length clip gets the one time ``start``.
     """
     duration = max(end - start, 0.0)
+    if sampling not in ("uniform", "fps"):
+        raise ValueError(f"sampling must be 'uniform' or 'fps', got {sampling!r}")
+    if duration <= 0:  # a zero-length clip (only from a direct call: planned clips last >= ZERO_LENGTH_SECONDS)
+        return [start]  # has one instant, not num_frames copies of it
     if sampling == "uniform":
         step = duration / num_frames
         return [start + (i + 0.5) * step for i in range(num_frames)]
-    if sampling != "fps":
-        raise ValueError(f"sampling must be 'uniform' or 'fps', got {sampling!r}")
     count = int(math.floor(duration * fps + 1e-9))
     # the centre of every whole 1/fps interval; a clip shorter than one interval gets its middle frame
     times = [start + (i + 0.5) / fps for i in range(count)] if count else [start + duration / 2]

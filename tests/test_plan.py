@@ -44,6 +44,34 @@ def test_clean_sorts_and_drops_empty():
     assert [s.text for s in out] == ["a", "b c"]
 
 
+def test_zero_length_segments_merge_only_on_real_overlap():
+    segs = [seg(3, 3, "a b c d e"), seg(20, 20, "x y z w")]
+    out = clean_segments(segs)
+    # widened to ZERO_LENGTH_SECONDS, never swallowed by a segment that ended long before
+    assert [(s.start, s.end, s.text) for s in out] == [(3, 3.5, "a b c d e"), (20, 20.5, "x y z w")]
+    clips = plan_clips(segs, min_seconds=2, min_words=3, max_seconds=20, max_gap_seconds=4)
+    assert [(c.start, c.end, c.text) for c in clips] == [(3, 3.5, "a b c d e"), (20, 20.5, "x y z w")]
+    # a zero-length segment inside another one is still merged into it
+    inside = clean_segments([seg(0, 4, "one two"), seg(2, 2, "three")])
+    assert [(s.start, s.end, s.text) for s in inside] == [(0, 4, "one two three")]
+    # a zero-length clip has one frame time, not num_frames copies of it
+    assert clip_frame_times(5, 5, num_frames=4, sampling="uniform") == [5]
+    assert clip_frame_times(5, 5, num_frames=4, sampling="fps") == [5]
+    # and one that starts inside another but ends after it is trimmed to start at its end
+    after = clean_segments([seg(0, 4, "one two"), seg(3.8, 3.8, "three")])
+    assert [(s.start, s.end, s.text) for s in after] == [(0, 4, "one two"), (4, 4.3, "three")]
+
+
+def test_rolling_repeat_is_removed_only_when_segments_overlap_or_touch():
+    far = clean_segments([seg(0, 2, "stir and"), seg(10, 12, "and serve")])
+    assert [s.text for s in far] == ["stir and", "and serve"]  # said again 8 s later: kept
+    touching = clean_segments([seg(0, 2, "stir and"), seg(2.05, 4, "and serve")])
+    assert [s.text for s in touching] == ["stir and", "serve"]
+    overlapping = clean_segments([seg(0, 2, "stir and"), seg(1.5, 4, "and serve")])
+    assert [(s.start, s.text) for s in overlapping] == [(0, "stir and"), (2, "serve")]
+    assert [s.text for s in clean_segments([seg(0, 2, "stir it"), seg(10, 12, "stir it")])] == ["stir it", "stir it"]
+
+
 def test_plan_clips_grows_to_min_seconds_and_words():
     segs = [seg(i, i + 1, f"w{i} x") for i in range(12)]  # 1 s, 2 words each
     clips = plan_clips(segs, min_seconds=3.0, min_words=4, max_seconds=10.0)
