@@ -297,8 +297,10 @@ def clip_frame_times(
     if slice != "uniform":
         raise ValueError(f"slice must be 'head', 'tail' or 'uniform', got {slice!r}")
     n = len(times)
-    # np.linspace(0, n - 1, num_frames, dtype=int), as CLIP4Clip does
-    step = (n - 1) / (num_frames - 1) if num_frames > 1 else 0.0
+    # np.linspace(0, n - 1, num_frames, dtype=int), as CLIP4Clip does: for one frame that is [0], the first
+    if num_frames == 1:
+        return times[:1]
+    step = (n - 1) / (num_frames - 1)
     idx = [int(i * step) for i in range(num_frames - 1)] + [n - 1]  # what numpy computes (last one exact)
     return [times[i] for i in idx]
 
