@@ -8,7 +8,8 @@ or an ``ExtractError`` for that clip (e.g. ``span_beyond_end``). Whole-video fai
 class: missing, empty, corrupt, truncated, no_video_stream, unsupported, timeout, decode_error.
 
 PyAV (bundled FFmpeg) decodes forward once through the sorted targets and seeks to a keyframe only across long gaps;
-frames are chosen by presentation timestamp (the frame on screen at the target time), never by ``t * avg_fps``, so
+frames are chosen by presentation timestamp (the frame on screen at the target time, or the clip's first frame when
+the one on screen was shown before the clip starts: ``sharding.plan.select_frames``), never by ``t * avg_fps``, so
 variable-frame-rate files are handled. decord is the alternative decoder (its timestamps are read the same way).
 A decode that hangs in native code (decord holds the GIL there) cannot be interrupted from Python, so
 ``DecodeWorker`` runs decodes in a child process with a time budget and kills it when the budget is spent.
@@ -289,9 +290,11 @@ def _extract_pyav(path: Path, clips, frames: _Frames, threads: int):
                     if pts < floor - 1e-6:
                         continue
                     serial += 1
-                    # every target before this frame shows the previous frame (or this one, if none came before)
+                    # every target before this frame shows the previous frame (or this one, if none came before);
+                    # when the previous one was shown before the target's clip starts, this one, if it is inside
                     while i < len(targets) and targets[i][0] < pts - 1e-6:
-                        if prev is not None:
+                        start, end = clips[targets[i][1]][:2]
+                        if prev is not None and (prev[1] >= start - 1e-6 or pts > end + 1e-6):
                             frames.take(targets[i], prev[0], prev[1], rgb(prev[2]))
                         else:
                             frames.take(targets[i], serial, pts, rgb(frame))
@@ -347,7 +350,7 @@ def _extract_decord(path: Path, clips, frames: _Frames, threads: int):
     h, w = vr[0].shape[:2]
     ow, oh = output_size(w, h, frames.frame_size)
     targets = _flatten_targets(clips)
-    index = select_frames([t for t, _c, _s in targets], ts)
+    index = select_frames([t for t, _c, _s in targets], ts, [clips[c][:2] for _t, c, _s in targets])
     order = sorted(set(index))
     for k in range(0, len(order), 32):  # bounded memory: at most 32 full-size frames at once
         chunk = order[k: k + 32]

@@ -305,13 +305,26 @@ def clip_frame_times(
     return [times[i] for i in idx]
 
 
-def select_frames(targets: list[float], frame_pts: list[float]) -> list[int]:
+def select_frames(targets: list[float], frame_pts: list[float],
+                  bounds: list[tuple[float, float]] | None = None) -> list[int]:
     """For each target time, the index of the frame on screen at that time: the last frame with pts <= t
-    (the first frame for a time before it). ``frame_pts`` must be ascending. A stored frame's time can thus be
-    earlier than its clip's start, by less than one frame interval, when that frame is still shown at the start."""
+    (the first frame for a time before it). ``frame_pts`` must be ascending.
+
+    With ``bounds`` (the ``(start, end)`` of each target's clip), a frame is kept inside its clip: when the frame on
+    screen at t was shown before ``start``, the next frame (the first with pts >= start) is taken instead if it
+    lies inside the clip. Only a clip too short to hold a frame keeps one shown before its start (by less than one
+    frame interval)."""
     import bisect
 
-    return [max(0, bisect.bisect_right(frame_pts, t + 1e-6) - 1) for t in targets]
+    out = []
+    for k, t in enumerate(targets):
+        j = max(0, bisect.bisect_right(frame_pts, t + 1e-6) - 1)
+        if bounds is not None:
+            start, end = bounds[k]
+            if frame_pts[j] < start - 1e-6 and j + 1 < len(frame_pts) and frame_pts[j + 1] <= end + 1e-6:
+                j += 1
+        out.append(j)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -137,3 +137,11 @@ def test_half_cut_file_keeps_its_readable_clips_and_fails_the_rest_as_truncated(
             for result in per_clip[readable:]:  # not copies of the last decoded frame, and not span_beyond_end
                 assert isinstance(result, ExtractError) and result.cls == "truncated", (decoder, result)
                 assert "truncated" in result.message
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+def test_a_frame_shown_before_the_clip_starts_is_replaced_by_the_clips_first(tmp_path, decoder):
+    path = cut_video(tmp_path / "v.mkv", "mpeg4", {}, keep=1.0)  # 25 fps: frames at 0.00, 0.04, ...
+    clips = [(1.01, 1.5, [1.02, 1.3]), (2.0, 2.5, [2.01]), (3.01, 3.03, [3.02])]
+    _info, per_clip = extract_clips(path, clips, frame_size=32, decoder=decoder)
+    assert [[t for t, _ in c] for c in per_clip] == [[1.04, 1.28], [2.0], [3.0]]  # the last: no frame inside it

@@ -117,6 +117,15 @@ def test_select_frames_by_presentation_time_vfr():
     assert select_frames([0.0], [0.04, 0.08]) == [0]
 
 
+def test_select_frames_keeps_frames_inside_their_clip():
+    pts = [i / 25 for i in range(51)]  # 25 fps
+    # clip [1.01, 1.5]: the frame on screen at 1.02 was shown at 1.00, before the clip: take 1.04, the clip's first
+    assert select_frames([1.02, 1.3], pts, [(1.01, 1.5), (1.01, 1.5)]) == [26, 32]
+    assert select_frames([1.02], pts) == [25]  # without bounds: the frame on screen
+    # a clip too short to hold a frame keeps the one on screen at its start
+    assert select_frames([1.02], pts, [(1.01, 1.03)]) == [25]
+
+
 def test_fps_slicing_matches_numpy_linspace():
     import numpy as np
 

@@ -93,11 +93,15 @@ def test_frames_decode_with_right_size_inside_their_clip(reference):
         frames = sorted(k for k in sample if k.endswith(".jpg"))
         assert len(frames) == len(meta["frame_times"]) == len(meta["target_times"]) <= cfg.num_frames
         assert meta["frame_times"] == sorted(meta["frame_times"])
-        # each frame is the one on screen at its target time: shown at or before it, less than 2 frames earlier
-        # (the VFR video has gaps up to 1.6 frame intervals), so it lies in the clip or is still shown at its start
+        # each frame lies inside its clip, and is the one on screen at its target time (shown at or before it, less
+        # than 2 frames earlier: the VFR video has gaps up to 1.6 frame intervals) or, when that one was shown
+        # before the clip starts, the clip's first frame (shown less than 2 frames after the target)
         for t, target in zip(meta["frame_times"], meta["target_times"]):
             assert meta["start"] <= target <= meta["end"]
-            assert target - 2.0 / meta["fps"] <= t <= target + 1e-6
+            assert meta["start"] - 1e-6 <= t <= meta["end"]
+            assert target - 2.0 / meta["fps"] <= t <= target + 2.0 / meta["fps"]
+            if t > target + 1e-6:
+                assert t - meta["start"] < 2.0 / meta["fps"]
         for k in frames:
             img = Image.open(io.BytesIO(sample[k]))
             assert img.format == "JPEG" and img.mode == "RGB"
