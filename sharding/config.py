@@ -14,7 +14,10 @@ class PlanConfig:
 
     min_seconds: float = opt(5.0, "grow a clip by merging neighbouring segments until it lasts this long (UniVL: 5 s)")
     min_words: int = opt(4, "... and until it has at least this many words")
-    max_seconds: float = opt(20.0, "never grow a clip beyond this duration; a longer single segment is cut to it")
+    max_seconds: float = opt(
+        20.0, "never grow a clip beyond this duration; a longer single segment is split into equal pieces, its words "
+              "shared out in proportion to time"
+    )
     max_gap_seconds: float = opt(4.0, "do not merge across a silence longer than this")
     num_frames: int = opt(12, "frames per clip (the maximum in fps mode)")
     sampling: Literal["uniform", "fps"] = opt(
@@ -68,7 +71,10 @@ class ShardConfig:
     name: str = opt("shard", "shard file prefix: OUT/<name>-NNNNNN.tar")
     min_seconds: float = opt(5.0, "grow a clip by merging neighbouring segments until it lasts this long (UniVL: 5 s)")
     min_words: int = opt(4, "... and until it has at least this many words")
-    max_seconds: float = opt(20.0, "never grow a clip beyond this duration; a longer single segment is cut to it")
+    max_seconds: float = opt(
+        20.0, "never grow a clip beyond this duration; a longer single segment is split into equal pieces, its words "
+              "shared out in proportion to time"
+    )
     max_gap_seconds: float = opt(4.0, "do not merge across a silence longer than this")
     num_frames: int = opt(12, "frames per clip (the maximum in fps mode)")
     sampling: Literal["uniform", "fps"] = opt(

@@ -208,6 +208,27 @@ def clean_segments(segments: list[Segment]) -> list[Segment]:
     return out
 
 
+def split_long_segments(segments: list[Segment], max_seconds: float) -> list[Segment]:
+    """Split every segment longer than ``max_seconds`` into the fewest equal pieces no longer than it, sharing its
+    words out in proportion to time (as if spoken at an even pace), so that a clip's text is what was said during
+    the clip; pieces that get no word are dropped."""
+    out = []
+    for seg in segments:
+        duration = seg.end - seg.start
+        if duration <= max_seconds:
+            out.append(seg)
+            continue
+        words = _words(seg.text)
+        pieces = math.ceil(duration / max_seconds - 1e-9)
+        for k in range(pieces):
+            part = words[round(k * len(words) / pieces): round((k + 1) * len(words) / pieces)]
+            if part:
+                out.append(Segment(seg.start + duration * k / pieces,
+                                   seg.end if k == pieces - 1 else seg.start + duration * (k + 1) / pieces,
+                                   " ".join(part)))
+    return out
+
+
 def plan_clips(
     segments: list[Segment],
     *,
@@ -216,10 +237,10 @@ def plan_clips(
     max_seconds: float,
     max_gap_seconds: float = math.inf,
 ) -> list[Clip]:
-    """Clean the ASR segments, then grow clips left to right by merging neighbours until a clip lasts
-    ``min_seconds`` and has ``min_words`` words, never beyond ``max_seconds`` nor across a silence longer than
-    ``max_gap_seconds``. A too-short tail is merged into the previous clip when that stays within ``max_seconds``.
-    Clips with no text are dropped."""
+    """Clean the ASR segments and split those longer than ``max_seconds`` (``split_long_segments``), then grow clips
+    left to right by merging neighbours until a clip lasts ``min_seconds`` and has ``min_words`` words, never beyond
+    ``max_seconds`` nor across a silence longer than ``max_gap_seconds``. A too-short tail is merged into the
+    previous clip when that stays within ``max_seconds``. Clips with no text are dropped."""
     clips: list[Clip] = []
     current: list[Segment] = []
 
@@ -228,14 +249,13 @@ def plan_clips(
         if not text:
             return
         start, end = segs[0].start, max(s.end for s in segs)
-        end = min(end, start + max_seconds)
         clips.append(Clip(start, end, text, list(segs)))
 
     def satisfied(segs: list[Segment]) -> bool:
         words = sum(len(_words(s.text)) for s in segs)
         return segs[-1].end - segs[0].start >= min_seconds and words >= min_words
 
-    for seg in clean_segments(segments):
+    for seg in split_long_segments(clean_segments(segments), max_seconds):
         if current:
             too_long = seg.end - current[0].start > max_seconds
             too_far = seg.start - current[-1].end > max_gap_seconds

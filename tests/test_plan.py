@@ -81,8 +81,12 @@ def test_plan_clips_grows_to_min_seconds_and_words():
 
 
 def test_plan_clips_caps_and_gaps_and_tail():
+    # a single segment longer than max_seconds is split into equal pieces, its words shared out in proportion
     long = plan_clips([seg(0, 50, "a very long monologue here")], min_seconds=5, min_words=1, max_seconds=20)
-    assert (long[0].start, long[0].end) == (0, 20)
+    assert [(round(c.start, 6), round(c.end, 6), c.text) for c in long] == [
+        (0, 16.666667, "a very"), (16.666667, 33.333333, "long"), (33.333333, 50, "monologue here")]
+    few = plan_clips([seg(10, 70, "only two")], min_seconds=5, min_words=1, max_seconds=20)
+    assert [(c.start, c.end, c.text) for c in few] == [(10, 30, "only"), (50, 70, "two")]  # a wordless piece: dropped
     gap = plan_clips([seg(0, 1, "a b"), seg(30, 31, "c d")], min_seconds=5, min_words=1, max_seconds=60,
                      max_gap_seconds=4)
     assert [c.text for c in gap] == ["a b", "c d"]  # never merged across the silence
@@ -92,10 +96,14 @@ def test_plan_clips_caps_and_gaps_and_tail():
 
 
 def test_plan_clips_never_exceeds_max_seconds():
-    segs = [seg(i * 3, i * 3 + 3, "word") for i in range(20)]
-    for c in plan_clips(segs, min_seconds=8, min_words=3, max_seconds=10):
+    segs = [seg(i * 3, i * 3 + 3, f"word{i}") for i in range(20)] + [seg(61, 95, " ".join(f"w{i}" for i in range(17)))]
+    clips = plan_clips(segs, min_seconds=8, min_words=3, max_seconds=10)
+    for c in clips:
         assert c.end - c.start <= 10 + 1e-9
         assert c.text
+    # no word is lost or repeated by the splitting
+    assert " ".join(c.text for c in clips).split() == [f"word{i}" for i in range(20)] + [f"w{i}" for i in range(17)]
+    assert [(c.start, c.end) for c in clips][-4:] == [(61, 69.5), (69.5, 78), (78, 86.5), (86.5, 95)]
 
 
 def test_frame_times_uniform_and_fps():
