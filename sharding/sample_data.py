@@ -93,7 +93,9 @@ ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 class SampleDataConfig:
     """``ptrain sample-data``: write a small synthetic HowTo100M-style corpus."""
 
-    out: str = opt("", "output directory (created); holds videos/, caption.json, HowTo100M_v1.csv, sample_meta.json")
+    out: str = opt(
+        "", "output directory (created); holds videos/, caption.json, HowTo100M_v1.csv, sample_meta.json, config.yaml"
+    )
     num_videos: int = opt(24, "number of good videos (>= 7 covers every container/codec kind)")
     seed: int = opt(0, "random seed; the same seed gives byte-identical output")
     bad_videos: bool = opt(True, "also list corrupt/truncated/empty/audio-only/missing videos and a beyond-end caption")
@@ -476,7 +478,7 @@ def plan(num_videos: int = 24, seed: int = 0, bad_videos: bool = True, min_durat
     return {"meta": meta, "captions": captions, "csv_rows": rows, "bad_sources": bad}
 
 
-OUTPUT_FILES = ("caption.json", "HowTo100M_v1.csv", "sample_meta.json")
+OUTPUT_FILES = ("caption.json", "HowTo100M_v1.csv", "sample_meta.json", "config.yaml")
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -541,6 +543,9 @@ def run(cfg: SampleDataConfig) -> int:
     except FileExistsError as e:
         print(f"ptrain sample-data: {e}", file=sys.stderr)
         return 2
+    from ptrain.config import dump_config
+
+    dump_config(cfg, Path(cfg.out) / "config.yaml")  # the resolved config, like every run
     kinds: dict[str, int] = {}
     for v in meta["videos"].values():
         kinds[v["kind"]] = kinds.get(v["kind"], 0) + 1
@@ -549,6 +554,6 @@ def run(cfg: SampleDataConfig) -> int:
         + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         + f") + {len(meta['bad_videos'])} bad entries to {cfg.out} in {time.perf_counter() - t0:.1f} s\n"
         f"  captions: {Path(cfg.out) / 'caption.json'}  csv: {Path(cfg.out) / 'HowTo100M_v1.csv'}  "
-        f"ground truth: {Path(cfg.out) / 'sample_meta.json'}"
+        f"ground truth: {Path(cfg.out) / 'sample_meta.json'}  config: {Path(cfg.out) / 'config.yaml'}"
     )
     return 0

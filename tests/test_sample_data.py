@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ptrain.cli import main as cli_main
+from ptrain.config import load_config
 from sharding.sample_data import (
     COLOURS,
     KINDS,
@@ -227,7 +228,10 @@ def test_cli_and_config_errors(tmp_path, capsys):
     out = tmp_path / "cli"
     assert cli_main(["sample-data", f"out={out}", "num_videos=1", "bad_videos=false", "max_duration=8"]) == 0
     assert "wrote 1 videos" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["HowTo100M_v1.csv", "caption.json", "sample_meta.json", "videos"]
+    assert sorted(p.name for p in out.iterdir()) == ["HowTo100M_v1.csv", "caption.json", "config.yaml",
+                                                     "sample_meta.json", "videos"]
+    resolved = load_config(SampleDataConfig, out / "config.yaml")  # the resolved config, read back
+    assert (resolved.out, resolved.num_videos, resolved.bad_videos, resolved.max_duration) == (str(out), 1, False, 8)
     # a non-empty directory is refused unless overwrite=true
     assert cli_main(["sample-data", f"out={out}", "num_videos=1"]) == 2
     assert "overwrite=true" in capsys.readouterr().err
