@@ -7,8 +7,10 @@ A field's one-line doc and its choices live in ``field(metadata=...)`` via :func
 
 Values are coerced to the declared type (PyYAML reads ``1e-4`` as a string and ``no`` as False, so a
 ``float`` field accepts the string ``"1e-4"`` and a ``str`` field refuses a bare ``no``). Unknown keys,
-type errors and ``__post_init__`` failures are collected into ONE :class:`ConfigError` whose lines name
-the dotted path, where the value came from and, for unknown keys, the closest valid key.
+type errors, malformed overrides and ``__post_init__`` failures are collected into ONE :class:`ConfigError`
+whose lines name the dotted path, where the value came from and, for unknown keys, the closest valid key. A
+``__post_init__`` raises sentences that start with the key they are about (several at once with
+:class:`InvalidValues`); the loader places each at its dotted path and adds the sources of the keys it names.
 
 This module imports only the standard library and PyYAML, so ``ptrain VERB --help`` is instant.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -34,6 +37,17 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("invalid config:\n  " + "\n  ".join(self.problems))
+
+
+class InvalidValues(ValueError):
+    """Raised by a config's ``__post_init__`` to report several problems at once, one sentence each.
+
+    Each sentence should start with the key it is about (``"num_frames must be at least 1, got 0"``): the loader
+    then names that key by its dotted path and says where its value came from."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
 
 
 def opt(default: Any = _MISSING, doc: str = "", *, factory: Any = _MISSING) -> Any:
@@ -245,14 +259,52 @@ def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str], 
             kwargs[key] = _coerce(value, tp)
         except _CoerceError as e:
             problems.append(f"{path}: {e} (from {src})")
-    for name, f in fields.items():
-        if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:
-            problems.append(f"{prefix}{name}: required, set it in the YAML file or as {prefix}{name}=VALUE")
+    required = [name for name, f in fields.items()
+                if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING]
+    for name in required:
+        problems.append(f"{prefix}{name}: required, set it in the YAML file or as {prefix}{name}=VALUE")
+    if required:
+        return None
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        problems.append(f"{prefix.rstrip('.') or cls.__name__}: {e}")
+    except (ValueError, TypeError) as e:  # __post_init__'s sentences, each placed at the key it names
+        sentences = e.problems if isinstance(e, InvalidValues) else [str(e)]
+        problems.extend(_locate(sentence, cls, values, prefix) for sentence in sentences)
         return None
+
+
+def _locate(sentence: str, cls: type, values: dict[str, Any], prefix: str) -> str:
+    """Name a ``__post_init__`` sentence by the dotted key it is about (the key it starts with, else the first key
+    it mentions) and say where the values of the keys it mentions came from."""
+    found: list[tuple[int, str]] = []  # (position, relative dotted path), longest paths claimed first
+    for path in sorted(_leaf_paths(cls), key=len, reverse=True):
+        for m in re.finditer(rf"(?<![\w.]){re.escape(path)}(?!\w)", sentence):
+            if not any(pos <= m.start() < pos + len(other) for pos, other in found):
+                found.append((m.start(), path))
+                break
+    if not found:
+        return f"{prefix.rstrip('.') or cls.__name__}: {sentence}"
+    found.sort()
+    key = found[0][1]
+    sentence = sentence.rstrip(".")
+    line = (prefix + sentence) if found[0][0] == 0 else f"{prefix}{key}: {sentence}"
+    sources = {path: _source_at(values, path) for _pos, path in found}
+    if all(src is None for src in sources.values()):
+        return line  # only defaults: nothing was given
+    named = {path: src or "the default" for path, src in sources.items()}
+    if len(set(named.values())) == 1:
+        return f"{line} (from {next(iter(named.values()))})"
+    return f"{line} (" + ", ".join(f"{prefix}{path} from {src}" for path, src in named.items()) + ")"
+
+
+def _source_at(values: dict[str, Any], path: str) -> str | None:
+    """Where the value at ``path`` (dotted, relative to ``values``) came from; None when it was not given."""
+    node: Any = values
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return _source_of(node)
 
 
 def _takes_str(tp: Any) -> bool:
@@ -272,20 +324,71 @@ def _source_of(leaf: Any) -> str:
     return "?"
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, tuple[Any, str]]:
+_YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def parse_overrides(overrides: list[str], problems: list[str] | None = None,
+                    valid_keys: list[str] = ()) -> dict[str, tuple[Any, str]]:
     """``["a.b=1", "c=[1,2]"]`` -> ``{"a.b": (1, "command line", "1"), ...}``: values parsed as YAML, the raw
-    text kept for string fields."""
+    text kept for string fields. Malformed items are appended to ``problems`` (raised as one ConfigError when
+    ``problems`` is not given), each naming the item and the fix."""
+    collect = problems is not None
+    problems = problems if collect else []
     out: dict[str, tuple[Any, str]] = {}
     for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError([f"{item!r}: an override must look like dotted.key=value (from command line)"])
-        key, raw = item.split("=", 1)
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq:
+            if item.lower().endswith(_YAML_SUFFIXES) or Path(item).is_file():
+                fix = "a config file goes first: ptrain VERB CONFIG.yaml [dotted.key=value ...]"
+            else:
+                close = difflib.get_close_matches(item, list(valid_keys), n=1, cutoff=0.6)
+                fix = f"did you mean {close[0]}=VALUE?" if close else "write it as dotted.key=value"
+            problems.append(f"{item!r}: not a key=value override (from command line); {fix}")
+            continue
+        if not key or any(not part for part in key.split(".")):
+            problems.append(f"{item!r}: {key!r} is not a dotted key (from command line); write it as "
+                            "dotted.key=value, e.g. ray.num_cpus=2")
+            continue
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        out[key.strip()] = (value, "command line", raw)
+        out[key] = (value, "command line", raw)
+    if not collect and problems:
+        raise ConfigError(problems)
     return out
+
+
+def _read_yaml(p: Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file; a ConfigError naming the file and the fix otherwise."""
+    fix = "pass an existing YAML config file first, then dotted.key=value overrides (or only overrides)"
+    if p.is_dir():
+        raise ConfigError([f"{p}: is a directory, not a config file; {fix}"])
+    if not p.is_file():
+        hint = f"; or, if {p.name!r} is meant as an override, write it as KEY=VALUE" \
+            if not p.name.lower().endswith(_YAML_SUFFIXES) else ""
+        raise ConfigError([f"{p}: config file not found; {fix}{hint}"])
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{p}: not a text (UTF-8) file ({e.reason} at byte {e.start}); pass a YAML config "
+                           "file"]) from None
+    except OSError as e:
+        raise ConfigError([f"{p}: cannot be read ({e.strerror}); check the path and its permissions"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError([f"{p}: not valid YAML{where}: {what}; fix the file (or pass the keys as overrides)"]) \
+            from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{p}: the top level must be a mapping of keys, got {type(data).__name__}"])
+    return data
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
@@ -294,17 +397,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     dotted: dict[str, tuple[Any, str]] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"{p}: config file not found; pass an existing YAML file or only key=value overrides"])
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{p}: not valid YAML: {e}"]) from None
-        if not isinstance(data, dict):
-            raise ConfigError([f"{p}: the top level must be a mapping of keys, got {type(data).__name__}"])
-        dotted.update(_flatten(data, str(p)))
-    dotted.update(parse_overrides(overrides or []))
+        dotted.update(_flatten(_read_yaml(p), str(p)))
     all_paths = _leaf_paths(cls)
+    dotted.update(parse_overrides(overrides or [], problems, all_paths))
     cfg = _build(cls, _nest(dotted), "", problems, all_paths)
     if problems:
         raise ConfigError(problems)
@@ -334,15 +429,15 @@ def dump_config(cfg: Any, path: str | Path) -> None:
 
 
 def config_help(cls: type, prefix: str = "") -> list[str]:
-    """One line per key: ``dotted.key  TYPE = DEFAULT  doc``."""
-    lines = []
+    """One line per key: ``dotted.key: TYPE = DEFAULT  — doc``; a section's keys follow all plain keys of its
+    parent, under a ``section.*`` heading after a blank line, so no key reads as if it belonged to a section."""
+    lines, sections = [], []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         doc = f.metadata.get("doc", "")
         if dataclasses.is_dataclass(tp):
-            lines.append(f"{prefix}{f.name}.*  ({doc})" if doc else f"{prefix}{f.name}.*")
-            lines.extend(config_help(tp, prefix + f.name + "."))
+            sections.append((f.name, tp, doc))
             continue
         if f.default is not _MISSING:
             default = f.default
@@ -351,4 +446,7 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
         else:
             default = "REQUIRED"
         lines.append(f"  {prefix}{f.name}: {_type_name(tp)} = {default!r}  — {doc}")
+    for name, tp, doc in sections:
+        lines += ["", f"{prefix}{name}.*  ({doc})" if doc else f"{prefix}{name}.*"]
+        lines.extend(config_help(tp, prefix + name + "."))
     return lines

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal, Optional
 
-from ptrain.config import opt, section
+from ptrain.config import InvalidValues, opt, section
 
 
 @dataclass
@@ -32,17 +32,24 @@ class PlanConfig:
     )
 
     def __post_init__(self):
+        problems = []
         if self.num_frames < 1:
-            raise ValueError(f"num_frames must be at least 1, got {self.num_frames}")
+            problems.append(f"num_frames must be at least 1, got {self.num_frames}")
         if self.fps <= 0:
-            raise ValueError(f"fps must be positive, got {self.fps}")
-        if self.max_seconds <= 0 or self.min_seconds < 0:
-            raise ValueError("min_seconds must be >= 0 and max_seconds > 0")
-        if self.min_seconds > self.max_seconds:
-            raise ValueError(
-                f"min_seconds ({self.min_seconds}) is larger than max_seconds ({self.max_seconds}); "
-                "lower min_seconds or raise max_seconds"
-            )
+            problems.append(f"fps must be positive, got {self.fps}")
+        if self.max_seconds <= 0:
+            problems.append(f"max_seconds must be positive, got {self.max_seconds}")
+        if self.min_seconds < 0:
+            problems.append(f"min_seconds must be >= 0, got {self.min_seconds}")
+        elif self.min_seconds > self.max_seconds > 0:
+            problems.append(f"min_seconds ({self.min_seconds}) is larger than max_seconds ({self.max_seconds}); "
+                            "lower min_seconds or raise max_seconds")
+        if self.max_gap_seconds < 0:
+            problems.append(f"max_gap_seconds must be >= 0, got {self.max_gap_seconds}")
+        if self.end_tolerance_seconds < 0:
+            problems.append(f"end_tolerance_seconds must be >= 0, got {self.end_tolerance_seconds}")
+        if problems:
+            raise InvalidValues(problems)
 
 
 @dataclass
@@ -57,7 +64,9 @@ class RayConfig:
 
     def __post_init__(self):
         if self.cpus_per_task <= 0:
-            raise ValueError(f"cpus_per_task must be positive, got {self.cpus_per_task}")
+            raise InvalidValues([f"cpus_per_task must be positive, got {self.cpus_per_task}"])
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise InvalidValues([f"num_cpus must be at least 1 (or unset: all cores), got {self.num_cpus}"])
 
 
 @dataclass
@@ -110,14 +119,14 @@ class ShardConfig:
         problems = []
         try:
             self.plan_config()
-        except ValueError as e:
-            problems.append(str(e))
+        except InvalidValues as e:
+            problems.extend(e.problems)
         if not self.videos:
-            problems.append("videos is required (videos=DIR)")
+            problems.append("videos is required: pass videos=DIR, the directory of the videos")
         if not self.captions:
-            problems.append("captions is required (captions=FILE)")
+            problems.append("captions is required: pass captions=FILE, the caption.json")
         if not self.out:
-            problems.append("out is required (out=DIR)")
+            problems.append("out is required: pass out=DIR, the directory for the shards")
         if self.frame_size < 8:
             problems.append(f"frame_size must be at least 8, got {self.frame_size}")
         if not 1 <= self.jpeg_quality <= 100:
@@ -135,4 +144,4 @@ class ShardConfig:
         if not self.name or any(c in self.name for c in "/\\.") or self.name.startswith("-"):
             problems.append(f"name must be a plain file prefix without '/', '\\' or '.', got {self.name!r}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise InvalidValues(problems)

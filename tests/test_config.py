@@ -58,24 +58,55 @@ def test_all_errors_in_one_message_with_source_and_suggestion(tmp_path):
 
 
 def test_post_init_sentence_is_reported():
-    with pytest.raises(ConfigError, match="warmup_steps must be >= 0"):
+    with pytest.raises(ConfigError) as ei:
         load_config(RootConfig, None, ["optim.warmup_steps=-1"])
+    assert ei.value.problems == ["optim.warmup_steps must be >= 0 (from command line)"]
 
 
-def test_section_assigned_a_value_and_bad_override_syntax():
+def test_section_assigned_a_value_and_bad_override_syntax(tmp_path):
     with pytest.raises(ConfigError, match="optim: is a section"):
         load_config(RootConfig, None, ["optim=3"])
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(RootConfig, None, ["justaword"])
+    f = tmp_path / "c.yaml"
+    f.write_text("name: x\n")
+    with pytest.raises(ConfigError) as ei:  # every malformed item, each with its fix, in one error
+        load_config(RootConfig, None, ["flg", "optim..lr=1", "x.=2", str(f), "mode=c"])
+    assert ei.value.problems == [
+        "'flg': not a key=value override (from command line); did you mean flag=VALUE?",
+        "'optim..lr=1': 'optim..lr' is not a dotted key (from command line); write it as dotted.key=value, "
+        "e.g. ray.num_cpus=2",
+        "'x.=2': 'x.' is not a dotted key (from command line); write it as dotted.key=value, e.g. ray.num_cpus=2",
+        f"{str(f)!r}: not a key=value override (from command line); a config file goes first: "
+        "ptrain VERB CONFIG.yaml [dotted.key=value ...]",
+        "mode: 'c' is not one of 'a', 'b' (from command line)",
+    ]
 
 
-def test_missing_and_malformed_yaml(tmp_path):
+def test_missing_and_malformed_yaml(tmp_path, capsys):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(RootConfig, tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(RootConfig, bad)
+    # through the CLI: one clear line naming the input and the fix, exit 2, never a traceback
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "broken.yaml").write_text("num_frames: [1\n")
+    (tmp_path / "adir").mkdir()
+    cases = {
+        "nope.yaml": "nope.yaml: config file not found; pass an existing YAML config file first, then "
+                     "dotted.key=value overrides (or only overrides)",
+        "justaword": "'justaword' is meant as an override, write it as KEY=VALUE",
+        "adir": "adir: is a directory, not a config file",
+        "binary.yaml": "binary.yaml: not a text (UTF-8) file",
+        "broken.yaml": "broken.yaml: not valid YAML at line 2, column 1: expected ',' or ']'",
+    }
+    for arg, expected in cases.items():
+        path = arg if arg == "justaword" else str(tmp_path / arg)
+        assert cli_main(["shard", path, "videos=a", "captions=b", "out=c"]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err
 
 
 def test_dump_round_trip(tmp_path):
@@ -84,17 +115,45 @@ def test_dump_round_trip(tmp_path):
     assert load_config(RootConfig, tmp_path / "out.yaml") == cfg
 
 
+@dataclass
+class AfterSectionConfig:
+    first: int = opt(1, "a plain key")
+    optim: OptimConfig = section(OptimConfig, "optimiser")
+    last: bool = opt(True, "a plain key declared after the section")
+
+
 def test_help_lists_keys_docs_and_defaults():
     text = "\n".join(config_help(RootConfig))
     assert "optim.lr: float = 0.0001  — learning rate" in text
     assert "mode: one of 'a', 'b' = 'a'" in text
+    # plain keys first, then each section under its heading after a blank line: `last` is not read as optim's
+    assert config_help(AfterSectionConfig) == [
+        "  first: int = 1  — a plain key",
+        "  last: bool = True  — a plain key declared after the section",
+        "",
+        "optim.*  (optimiser)",
+        "  optim.lr: float = 0.0001  — learning rate",
+        "  optim.warmup_steps: int = 10  — warmup",
+        "  optim.betas: list of float = [0.9, 0.98]  — adam betas",
+    ]
 
 
-def test_shard_config_validation():
+def test_shard_config_validation(tmp_path):
+    f = tmp_path / "shard.yaml"
+    f.write_text("max_seconds: 10\nray:\n  cpus_per_task: 0\n")
     with pytest.raises(ConfigError) as ei:
-        load_config(ShardConfig, None, ["num_frames=0", "min_seconds=30", "name=a/b"])
-    msg = str(ei.value)
-    assert "videos is required" in msg and "num_frames must be at least 1" in msg and "name must be a plain" in msg
+        load_config(ShardConfig, f, ["num_frames=0", "min_seconds=30", "name=a/b"])
+    # __post_init__'s problems are lines of the one error, each at its dotted key with the value's source
+    assert ei.value.problems == [
+        f"ray.cpus_per_task must be positive, got 0.0 (from {f})",
+        "num_frames must be at least 1, got 0 (from command line)",
+        "min_seconds (30.0) is larger than max_seconds (10.0); lower min_seconds or raise max_seconds "
+        f"(min_seconds from command line, max_seconds from {f})",
+        "videos is required: pass videos=DIR, the directory of the videos",
+        "captions is required: pass captions=FILE, the caption.json",
+        "out is required: pass out=DIR, the directory for the shards",
+        "name must be a plain file prefix without '/', '\\' or '.', got 'a/b' (from command line)",
+    ]
 
 
 def test_cli_verbs_and_help(capsys):
