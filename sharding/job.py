@@ -148,17 +148,34 @@ def _errors_file(out: Path, phash: str, task_index: int) -> Path:
 # the driver
 
 
+class RayStartError(RuntimeError):
+    """Ray could not be joined or started; the message names the address and the fix."""
+
+
 def _start_ray(cfg):
     import ray
 
     started = False
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address, **kwargs)
-        else:
-            ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
-            started = True
+        try:
+            if cfg.ray.address:
+                ray.init(address=cfg.ray.address, **kwargs)
+            else:
+                ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
+                started = True
+        except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ...: all mean "no Ray to run on"
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if cfg.ray.address:
+                raise RayStartError(
+                    f"cannot join the Ray cluster at ray.address={cfg.ray.address!r}: {why}\n  Start one "
+                    "(`ray start --head` on this machine for 'auto'), check the address (ray://HEAD:10001, or the "
+                    "HEAD:6379 of `ray start`), submit this command with `ray job submit`, or leave ray.address "
+                    "unset to start a local Ray."
+                ) from None
+            raise RayStartError(f"cannot start a local Ray (ray.num_cpus={cfg.ray.num_cpus}): {why}\n  Check "
+                                "the free memory and /tmp space, or join a running cluster with ray.address=...") \
+                from None
     return ray, started
 
 
@@ -250,7 +267,11 @@ def run(cfg: ShardConfig) -> int:
     crashed: list[tuple[TaskPlan, str]] = []
     decoded_clips = 0
     if pending:
-        ray, started = _start_ray(cfg)
+        try:
+            ray, started = _start_ray(cfg)
+        except RayStartError as e:
+            print(f"ptrain shard: {e}", file=sys.stderr)
+            return 2
         opts = {"out": str(out.resolve()), "name": cfg.name, "plan_hash": phash, "versions": versions,
                 "frame_size": cfg.frame_size, "center_crop": cfg.center_crop, "jpeg_quality": cfg.jpeg_quality,
                 "decoder_threads": cfg.decoder_threads, "decoder": cfg.decoder,

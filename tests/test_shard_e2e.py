@@ -211,3 +211,19 @@ def test_malformed_captions_fail_fast(tmp_path, capsys):
         (tmp_path / "videos" / f"{vid}.mp4").write_bytes(b"x")
     assert shard_run(cfg) == 2
     assert "give the same sample key" in capsys.readouterr().err
+
+
+def test_joining_a_cluster_that_is_not_there_is_a_clear_error(tmp_path):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "abc.mp4").write_bytes(b"not decoded: ray.init fails first")
+    (tmp_path / "caption.json").write_text(json.dumps({"abc": {"start": [0], "end": [6], "text": ["one two three"]}}))
+    # a Ray temp dir of our own: `auto` finds no running cluster there, whatever else runs on this machine
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path / "ray")}
+    result = subprocess.run(
+        [sys.executable, "-m", "ptrain", "shard", f"videos={tmp_path / 'videos'}",
+         f"captions={tmp_path / 'caption.json'}", f"out={tmp_path / 'out'}", "ray.address=auto", "progress=false"],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "ptrain shard: cannot join the Ray cluster at ray.address='auto'" in result.stderr
+    assert "ray start --head" in result.stderr and "leave ray.address unset" in result.stderr
