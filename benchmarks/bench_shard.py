@@ -141,7 +141,7 @@ def run_case(root: Path, args, keyint: int) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--videos", type=int, default=4)
+    ap.add_argument("--videos", type=int, default=6, help="videos per GOP length (the README table: 6)")
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--fps", type=int, default=30)
     ap.add_argument("--keyints", default="250,30", help="GOP lengths (frames) to test: x264's default, and 1 s")
