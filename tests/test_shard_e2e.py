@@ -227,3 +227,16 @@ def test_joining_a_cluster_that_is_not_there_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr
     assert "ptrain shard: cannot join the Ray cluster at ray.address='auto'" in result.stderr
     assert "ray start --head" in result.stderr and "leave ray.address unset" in result.stderr
+
+
+def test_readme_states_the_shard_benchmarks_defaults():
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    source = (root / "benchmarks" / "bench_shard.py").read_text()
+    defaults = {call.args[0].value: kw.value.value for call in ast.walk(ast.parse(source))
+                if isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "add_argument"
+                for kw in call.keywords if kw.arg == "default"}
+    setup = f"({defaults['--videos']} videos of {defaults['--seconds']} s, {defaults['--fps']} fps"
+    assert setup in " ".join((root / "README.md").read_text().split())
+    assert f"[--videos {defaults['--videos']}] [--seconds {defaults['--seconds']}]" in source  # the docstring
