@@ -115,12 +115,24 @@ def test_forward_backward_reaches_every_parameter(head, linear_patch):
     assert (len(groups["new"]) > 0) == (head != "meanP")
 
 
+def perturb_3d_patch(model) -> None:
+    """Give the central-frame-inflated 3D kernel non-zero outer taps (it then sees neighbouring frames)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        w = model.clip.vision_model.embeddings.patch_embedding_3d.weight
+        w.add_(0.05 * torch.randn(w.shape, generator=g))
+
+
 @pytest.mark.parametrize("head", HEADS)
-def test_padding_and_single_frame_masks(head):
+@pytest.mark.parametrize("linear_patch", ["2d", "3d"])
+def test_padding_and_single_frame_masks(head, linear_patch):
     """Padded frames never change a clip's features: a 2-frame clip padded to 4 with garbage equals
-    the same 2 frames alone, and a 1-frame clip equals a model run at num_frames=1."""
+    the same 2 frames alone, and a 1-frame clip equals a model run at num_frames=1. With a 3D patch
+    too: padded frames are zeros in normalised space, like the conv's own temporal zero padding."""
     torch.manual_seed(0)
-    model = tiny(head).eval()
+    model = tiny(head, linear_patch=linear_patch).eval()
+    if linear_patch == "3d":
+        perturb_3d_patch(model)
     frames, _, ids, attn = inputs()
     real = frames[:1, :2]
     garbage = torch.randint(0, 256, (1, 2, 3, S, S), dtype=torch.uint8)
@@ -133,6 +145,36 @@ def test_padding_and_single_frame_masks(head):
     one = model.similarity(text, model.encode_video(frames[:1, :1], torch.ones(1, 1, dtype=torch.long)))
     one_padded = model.similarity(text, model.encode_video(frames[:1], torch.tensor([[1, 0, 0, 0]])))
     torch.testing.assert_close(one_padded, one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("linear_patch", ["2d", "3d"])
+def test_padded_frames_are_zero_in_normalised_space(linear_patch):
+    """uint8 frames padded with black (our loader) and float frames padded with anything give what
+    the references' loaders feed: normalised pixels with padded frames exactly 0. The caller's
+    tensor is left alone."""
+    torch.manual_seed(0)
+    model = tiny("TDB", compat=True, linear_patch=linear_patch).eval()  # compat: a difference token sees a padded frame
+    if linear_patch == "3d":
+        perturb_3d_patch(model)
+    frames, mask, ids, attn = inputs()
+    frames[mask == 0] = 0  # black uint8 padding
+    pixels = (frames.float() / 255 - model.pixel_mean) / model.pixel_std  # [B, T, 3, S, S]
+    reference = pixels * mask[:, :, None, None, None]  # np.zeros, then the real normalised frames
+    garbage = pixels.clone()
+    garbage[mask == 0] = torch.randn_like(garbage[mask == 0])
+    before = garbage.clone()
+    with torch.no_grad():
+        want = model.frame_features(reference)
+        for given in (frames, garbage):
+            torch.testing.assert_close(model.frame_features(given, mask), want, rtol=1e-5, atol=1e-6)
+        # Without the mask a black uint8 frame is a black image, not the zeros the references feed.
+        assert not torch.allclose(model.frame_features(frames)[mask == 0], want[mask == 0], atol=1e-3)
+    assert torch.equal(garbage, before)
+    text = model.encode_text(ids, attn)
+    torch.testing.assert_close(model.similarity(text, model.encode_video(frames, mask)),
+                               model.similarity(text, model.encode_video(reference, mask)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="frame_mask"):
+        model.frame_features(frames, mask[:, :2])
 
 
 def test_num_frames_one_model_trains():

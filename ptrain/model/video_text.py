@@ -112,8 +112,15 @@ class VideoTextModel(nn.Module):
     def _param_dtype(self) -> torch.dtype:
         return self.clip.visual_projection.weight.dtype
 
-    def frame_features(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
-        """CLIP image features of every frame -> [B, T, D] (padded frames are encoded too)."""
+    def frame_features(self, frames_BTCHW: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """CLIP image features of every frame -> [B, T, D] (padded frames are encoded too).
+
+        ``frames_BTCHW``: uint8 RGB (normalised here with CLIP's mean/std) or floats already
+        normalised. ``frame_mask`` [B, T] (1 = real frame): padded frames are set to exactly 0 in
+        normalised pixel space before the patch embedding, whatever their pixels (the loader pads
+        with black uint8 frames). That is what the references' loaders feed (``np.zeros``, then the
+        real, already normalised frames), and it matters where a padded frame reaches a real one:
+        the 3D patch kernel and CLIP2Video's (compat) difference token after the last real frame."""
         if frames_BTCHW.dim() != 5:
             raise ValueError(f"frames must be [B, T, 3, H, W], got shape {tuple(frames_BTCHW.shape)}.")
         B, T, C, H, W = frames_BTCHW.shape
@@ -126,10 +133,15 @@ class VideoTextModel(nn.Module):
         if T > self.max_frames:
             raise ValueError(f"clips have {T} frames but the head's frame position table has {self.max_frames} rows; "
                              f"build the model with num_frames >= {T}.")
+        if frame_mask is not None and tuple(frame_mask.shape) != (B, T):
+            raise ValueError(f"frame_mask must be [B, T] = [{B}, {T}] like the frames, got shape {tuple(frame_mask.shape)}.")
         x = frames_BTCHW.reshape(B * T, C, H, W)
         if x.dtype == torch.uint8:
             x = (x.float() / 255.0 - self.pixel_mean) / self.pixel_std
         x = x.to(self._param_dtype())
+        if frame_mask is not None:
+            real = frame_mask.to(x.device).reshape(B * T, 1, 1, 1) != 0
+            x = torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device))  # never the caller's tensor in place
         vm = self.clip.vision_model
         if self.cfg.linear_patch == "3d":
             h = vm.embeddings(x, num_frames=T)
@@ -225,7 +237,7 @@ class VideoTextModel(nn.Module):
         if frame_mask_BT is None:
             frame_mask_BT = torch.ones(frames_BTCHW.shape[:2], dtype=torch.long, device=device)
         frame_mask_BT = frame_mask_BT.to(device)
-        video_BTD = self.frame_features(frames_BTCHW)
+        video_BTD = self.frame_features(frames_BTCHW, frame_mask_BT)
         if self.is_tight:
             return video_BTD.float() * frame_mask_BT.unsqueeze(-1).float()
         global_BD, tab_BD = self._video_vectors(video_BTD, frame_mask_BT)
