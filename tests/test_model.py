@@ -92,11 +92,24 @@ def test_meanp_matches_plain_clip():
     torch.testing.assert_close(want, torch.tensor(GOLDEN["meanP"]), rtol=1e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("head", HEADS)
+# Every head, every TDB difference transform, every TAB motion mode (and both TAB global branches).
+VARIANTS = [(h, {}) for h in HEADS] + [
+    ("TDB", {"tdb_proj": "raw"}),
+    ("TDB", {"tdb_proj": "sigmoid_mlp"}),
+    ("TAB", {"tab_motion": "none"}),
+    ("TAB", {"tab_motion": "TAB"}),
+    ("TAB", {"tab_motion": "TAB_TDB", "tdb_proj": "raw"}),
+    ("TAB", {"tab_motion": "TAB_TDB", "tdb_proj": "sigmoid_mlp"}),
+    ("TAB", {"tab_global": "seqTransf", "tab_motion": "none"}),
+    ("TAB", {"tab_global": "seqTransf", "tab_motion": "TAB"}),
+]
+
+
+@pytest.mark.parametrize("head,kw", VARIANTS, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())) or "default")
 @pytest.mark.parametrize("linear_patch", ["2d", "3d"])
-def test_forward_backward_reaches_every_parameter(head, linear_patch):
+def test_forward_backward_reaches_every_parameter(head, kw, linear_patch):
     torch.manual_seed(0)
-    model = tiny(head, linear_patch=linear_patch).train()
+    model = tiny(head, linear_patch=linear_patch, **kw).train()
     frames, mask, ids, attn = inputs()
     out = model(frames, mask, ids, attn, torch.tensor([7, 8, 9]))
     assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])

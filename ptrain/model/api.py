@@ -126,6 +126,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", dtyp
     clip, scale = clip_from_hf_state(CLIPConfig.from_dict(raw), clip_state, cfg.linear_patch)
     model = VideoTextModel(cfg, clip, scale, init_from_clip=False)
     rest["logit_scale.log_scale"] = tensors["logit_scale"].reshape(1).float()
+    if cfg.tdb_proj == "raw":  # exports written before raw TDB dropped its unused LayerNorm
+        rest = {k: v for k, v in rest.items() if not k.startswith("head.tdb.trans_layernorm.")}
     missing, unexpected = model.load_state_dict({**{f"clip.{k}": v for k, v in clip.state_dict().items()}, **rest}, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights}: weights do not match head {cfg.head}: missing {missing[:4]}, unexpected {unexpected[:4]}.")

@@ -113,8 +113,9 @@ def _map_head_key(key: str, fmt: str, cfg: ModelConfig) -> str | None:
     """Our key for a reference head key; None for keys the reference creates but never uses."""
     if fmt == "clip4clip" and cfg.head == "seqLSTM" and key.startswith("frame_position_embeddings."):
         return None  # created and CLIP-initialised by CLIP4Clip for seqLSTM, never used
-    if fmt == "clip2video" and key.startswith("trans_layernorm.") and not (cfg.head == "TDB" or (cfg.head == "TAB" and cfg.tab_global == "TDB")):
-        return None  # CLIP2Video always creates it; only TDB uses it
+    uses_tdb = cfg.head == "TDB" or (cfg.head == "TAB" and cfg.tab_global == "TDB")
+    if fmt == "clip2video" and key.startswith("trans_layernorm.") and not (uses_tdb and cfg.tdb_proj != "raw"):
+        return None  # CLIP2Video always creates it; only TDB's sigmoid_mlp / sigmoid_selfA transforms use it
     for old, new in _C4C_PREFIXES if fmt == "clip4clip" else _C2V_PREFIXES:
         if key.startswith(old):
             out = new + key[len(old):]

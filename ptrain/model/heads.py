@@ -105,7 +105,8 @@ class TemporalDifference(nn.Module):
         super().__init__()
         self.proj, self.compat = proj, compat
         self.type_position_embeddings = nn.Embedding(2, dim)
-        self.trans_layernorm = nn.LayerNorm(dim)
+        if proj != "raw":  # only the sigmoid transforms use it (CLIP2Video creates it always; raw drops it)
+            self.trans_layernorm = nn.LayerNorm(dim)
         if proj == "sigmoid_mlp":
             self.frame2t_projection = Projection(dim)
         elif proj == "sigmoid_selfA":
