@@ -260,8 +260,22 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_logit_scale_is_1d_and_clamped():
     model = tiny("meanP", logit_scale_init=500.0)
-    assert model.logit_scale.log_scale.shape == (1,)
-    assert float(model.logit_scale().detach()) == pytest.approx(100.0)
+    scale = model.logit_scale
+    assert scale.log_scale.shape == (1,)
+    assert float(scale().detach()) == pytest.approx(100.0)
+    # Above the bound the clamp in forward passes no gradient: the parameter would stay stuck there.
+    scale().backward()
+    assert scale.log_scale.grad.item() == 0.0
+    # So the trainer also clamps the parameter itself after each optimizer step.
+    assert scale.clamp_() is scale
+    assert scale.log_scale.item() == pytest.approx(math.log(100.0)) and scale.log_scale.requires_grad
+    scale.log_scale.grad = None
+    with torch.no_grad():
+        scale.log_scale.fill_(math.log(20.0))
+    scale.clamp_()
+    assert scale.log_scale.item() == pytest.approx(math.log(20.0))  # below the bound: untouched
+    scale().backward()
+    assert scale.log_scale.grad.item() == pytest.approx(20.0)
 
 
 @pytest.mark.parametrize("head", ["meanP", "seqTransf", "TAB"])

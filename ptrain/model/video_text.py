@@ -39,8 +39,14 @@ from ptrain.model.heads import MeanP, SeqLSTM, SeqTransf, TDBHead, TemporalAlign
 
 
 class LogitScale(nn.Module):
-    """The learnable temperature: a 1-D log-scale parameter (DeepSpeed rejects 0-dim ones), clamped
-    to ``max_scale`` inside forward (CLIP4Clip clamps after each step; the effect is the same)."""
+    """The learnable temperature: a 1-D log-scale parameter (DeepSpeed rejects 0-dim ones).
+
+    ``forward()`` returns ``exp(min(log_scale, ln max_scale))``. The clamp alone is not enough in
+    training: above the bound its gradient is exactly zero, so a parameter that an optimizer step
+    pushed past ln ``max_scale`` gets no gradient through the loss and cannot come back (Adam's
+    momentum and weight decay may even move it further). The trainer therefore also calls
+    ``clamp_()`` after every optimizer step, which is what CLIP4Clip does; the two together bound
+    the parameter itself, and the clamp in forward keeps every use of the scale within the bound."""
 
     def __init__(self, init_scale: float, max_scale: float = 100.0):
         super().__init__()
@@ -49,6 +55,13 @@ class LogitScale(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.log_scale.clamp(max=self.max_log).exp().squeeze(0)
+
+    @torch.no_grad()
+    def clamp_(self) -> "LogitScale":
+        """Clamp the parameter's data to at most ln ``max_scale`` in place (call after each optimizer
+        step). Under ZeRO-3 the parameter is partitioned: gather it first (``GatheredParameters``)."""
+        self.log_scale.data.clamp_(max=self.max_log)
+        return self
 
 
 class VideoTextModel(nn.Module):
