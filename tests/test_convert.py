@@ -4,6 +4,7 @@ nn.MultiheadAttention's own kernel, LND layout, 3-D [B*H, N, N] masks), never ag
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -109,9 +110,13 @@ def _ids():
     return torch.tensor([[eot - 1, 17, 256, 3, eot, 0, 0, 0], [eot - 1, 400, eot, 0, 0, 0, 0, 0], [eot - 1, 5, 6, 7, 8, 9, 10, eot]])
 
 
-def _frames(batch=3, seed=1):
+def _frames(batch=3, seed=1, zero_pad=None):
+    """Random uint8 frames; ``zero_pad`` (a mask): padded frames black (uint8 0), as our loader pads."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (batch, T, 3, IMAGE, IMAGE), dtype=torch.uint8, generator=g)
+    frames = torch.randint(0, 256, (batch, T, 3, IMAGE, IMAGE), dtype=torch.uint8, generator=g)
+    if zero_pad is not None:
+        frames[zero_pad == 0] = 0
+    return frames
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,16 +212,19 @@ def ref_pool(v_BTD, mask_BT):
     return v / v.norm(dim=-1, keepdim=True)
 
 
-def ref_features(sd, frames, ids):
+def ref_features(sd, frames, ids, mask):
+    """The references' loaders (``_get_rawvideo``) start from np.zeros and fill the real frames with
+    normalised pixels: a padded frame is 0 in normalised space whatever it held."""
     clip_sd = {k[5:]: v.float() for k, v in sd.items() if k.startswith("clip.")}
     B = frames.shape[0]
-    vis = ref_encode_image(clip_sd, normalise(frames.flatten(0, 1)), video_frames=T).view(B, T, -1)
+    pixels = normalise(frames.flatten(0, 1)) * mask.reshape(B * T, 1, 1, 1).float()
+    vis = ref_encode_image(clip_sd, pixels, video_frames=T).view(B, T, -1)
     seq, hidden = ref_encode_text(clip_sd, ids)
     return clip_sd, vis, seq, hidden
 
 
 def ref_clip4clip(sd, head, frames, mask, ids, layers=2):
-    clip_sd, vis, seq, _ = ref_features(sd, frames, ids)
+    clip_sd, vis, seq, _ = ref_features(sd, frames, ids, mask)
     if head == "tightTransf":
         Nt, Nv = seq.shape[0], vis.shape[0]
         text_l = seq.unsqueeze(1).unsqueeze(1).repeat(1, Nv, 1, 1).view(-1, 1, seq.shape[-1])
@@ -242,7 +250,7 @@ def ref_clip4clip(sd, head, frames, mask, ids, layers=2):
 
 
 def ref_clip2video(sd, frames, mask, ids, attn, *, tdb, proj, tab, motion, weight, layers=2):
-    clip_sd, vis, seq, hidden = ref_features(sd, frames, ids)
+    clip_sd, vis, seq, hidden = ref_features(sd, frames, ids, mask)
     P = sd["frame_position_embeddings.weight"]
 
     def tdb_block(v, m):  # temporal_difference_block, index gather included
@@ -308,6 +316,8 @@ def small_model(head, seed=0, **kw):
         for name, p in model.named_parameters():
             if not name.startswith("clip."):
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
+            elif "patch_embedding_3d" in name:  # outer temporal taps non-zero: the kernel sees neighbours
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
     return model.eval()
 
 
@@ -318,7 +328,8 @@ def _rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("head,kw", [("meanP", {}), ("seqLSTM", {}), ("seqTransf", {}), ("tightTransf", {}), ("meanP", {"linear_patch": "3d"})])
+@pytest.mark.parametrize("head,kw", [("meanP", {}), ("seqLSTM", {}), ("seqTransf", {}), ("tightTransf", {}),
+                                     ("meanP", {"linear_patch": "3d"}), ("seqTransf", {"linear_patch": "3d"})])
 def test_clip4clip_checkpoint_round_trip(tmp_path, head, kw):
     model = small_model(head, **kw)
     sd = reference_state_dict(model, "clip4clip")
@@ -340,34 +351,131 @@ C2V_CASES = [
     dict(head="TAB", tdb_proj="sigmoid_selfA", tab_motion="TAB_TDB"),  # the released configuration
     dict(head="TAB", tdb_proj="sigmoid_mlp", tab_motion="TAB_TDB"),
     dict(head="TAB", tab_global="seqTransf", tab_motion="TAB"),
+    dict(head="TAB", tdb_proj="sigmoid_selfA", tab_motion="none"),
     dict(head="TDB", tdb_proj="raw"),
+    dict(head="TDB", tdb_proj="sigmoid_selfA"),
+    dict(head="seqTransf"),  # CLIP2Video's sim_type=seqTransf without TDB or TAB
 ]
 
 
-@pytest.mark.parametrize("case", C2V_CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_clip2video_checkpoint_round_trip(tmp_path, case):
+def clip2video_checkpoint(tmp_path, case, logit_scale=None):
+    """(reference state dict, its file) of a perturbed small model of ``case``, CLIP2Video layout."""
     case = dict(case)
     head = case.pop("head")
     model = small_model(head, compat=True, tab_centers=3, **case)
     sd = reference_state_dict(model, "clip2video")
     if "head.tdb.trans_layernorm.weight" not in model.state_dict():  # CLIP2Video always creates it
         sd["trans_layernorm.weight"], sd["trans_layernorm.bias"] = torch.ones(W), torch.zeros(W)
+    if logit_scale is not None:
+        sd["clip.logit_scale"] = torch.tensor(math.log(logit_scale))
     torch.save(sd, tmp_path / "pytorch_model.bin.2")
+    return sd, tmp_path / "pytorch_model.bin.2"
+
+
+def convert_clip2video(tmp_path, case, src):
     motion = case.get("tab_motion", "TAB_TDB")
-    args = ["convert", f"src={tmp_path / 'pytorch_model.bin.2'}", f"out={tmp_path / 'export'}", f"tab_motion={motion}"]
+    args = ["convert", f"src={src}", f"out={tmp_path / 'export'}"]
+    if motion != "none":  # not in the keys; "none" is inferred from the missing actionClip
+        args.append(f"tab_motion={motion}")
     assert cli_main(args) == 0
-    loaded = ptrain.load(tmp_path / "export")
+    return ptrain.load(tmp_path / "export")
+
+
+def ref_clip2video_case(sd, case, frames, mask, ids, attn):
+    head = case["head"]
+    uses_tdb = head == "TDB" or (head == "TAB" and case.get("tab_global", "TDB") == "TDB")
+    with torch.no_grad():
+        return ref_clip2video(sd, frames, mask, ids, attn, tdb=uses_tdb, proj=case.get("tdb_proj", "sigmoid_selfA"),
+                              tab=head == "TAB", motion=case.get("tab_motion", "TAB_TDB"), weight=0.5)
+
+
+@pytest.mark.parametrize("case", C2V_CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_clip2video_checkpoint_round_trip(tmp_path, case):
+    sd, src = clip2video_checkpoint(tmp_path, case)
+    loaded = convert_clip2video(tmp_path, case, src)
+    head, motion = case["head"], case.get("tab_motion", "TAB_TDB")
     assert loaded.cfg.head == head and loaded.cfg.compat is True and loaded.cfg.tab_centers == (3 if head == "TAB" else 5)
+    if head == "TAB":
+        assert loaded.cfg.tab_motion == motion
+    if case.get("tdb_proj") == "raw":  # the reference's unused LayerNorm is dropped, not imported
+        assert not any("trans_layernorm" in k for k in loaded.state_dict())
     frames, ids = _frames(), _ids()
     attn = (ids > 0).long()
     ours = loaded.similarity(loaded.encode_text(ids, attn), loaded.encode_video(frames, MASK))
-    with torch.no_grad():
-        ref = ref_clip2video(sd, frames, MASK, ids, attn, tdb=(head == "TDB" or case.get("tab_global", "TDB") == "TDB"),
-                             proj=case.get("tdb_proj", "sigmoid_selfA"), tab=head == "TAB", motion=motion, weight=0.5)
+    ref = ref_clip2video_case(sd, case, frames, MASK, ids, attn)
     assert _rel_err(ours, ref) <= 1e-4
     # Our correct mask layout differs from the reference on this padded batch (what compat is for).
-    fixed = import_reference(sd, tab_motion=motion, compat="false")
+    fixed = import_reference(sd, tab_motion="TAB_TDB" if motion == "none" else motion, compat="false")
     assert _rel_err(fixed.similarity(fixed.encode_text(ids, attn), fixed.encode_video(frames, MASK)), ref) > 1e-4
+
+
+ZERO_PAD_CASES = [
+    ("clip2video", dict(head="TDB", tdb_proj="sigmoid_selfA")),  # compat: the difference token after the last real frame
+    ("clip2video", dict(head="TAB", tdb_proj="sigmoid_selfA", tab_motion="TAB_TDB")),  # released CLIP2Video
+    ("clip4clip", dict(head="seqTransf", linear_patch="3d")),  # the 3D kernel spans the padded neighbours
+]
+
+
+@pytest.mark.parametrize("fmt,case", ZERO_PAD_CASES, ids=lambda c: c if isinstance(c, str) else "-".join(map(str, c.values())))
+def test_zero_padded_uint8_frames_match_the_reference_loader(tmp_path, fmt, case):
+    """Our loader pads short clips with black uint8 frames; the references' loaders pad with zeros in
+    normalised space. The model zeroes padded frames after normalising, so the two agree."""
+    frames, ids = _frames(zero_pad=MASK), _ids()
+    attn = (ids > 0).long()
+    if fmt == "clip2video":
+        sd, src = clip2video_checkpoint(tmp_path, case)
+        loaded = convert_clip2video(tmp_path, case, src)
+        ref = ref_clip2video_case(sd, case, frames, MASK, ids, attn)
+    else:
+        kw = dict(case)
+        sd = reference_state_dict(small_model(kw.pop("head"), **kw), "clip4clip")
+        torch.save(sd, tmp_path / "pytorch_model.bin.1")
+        assert cli_main(["convert", f"src={tmp_path / 'pytorch_model.bin.1'}", f"out={tmp_path / 'export'}"]) == 0
+        loaded = ptrain.load(tmp_path / "export")
+        with torch.no_grad():
+            ref = ref_clip4clip(sd, case["head"], frames, MASK, ids)
+    ours = loaded.similarity(loaded.encode_text(ids, attn), loaded.encode_video(frames, MASK))
+    assert _rel_err(ours, ref) <= 1e-4
+    # Black frames encoded as images (what the model did before) are a different input.
+    with torch.no_grad():
+        black = loaded.frame_features(frames)  # no mask: the padded frames stay black images
+        zeroed = loaded.frame_features(frames, MASK)
+    assert not torch.allclose(black[MASK == 0], zeroed[MASK == 0], atol=1e-3)
+
+
+def test_clip2video_logit_scale_above_100_is_kept(tmp_path):
+    """CLIP2Video may store a logit scale above ln 100; the reference uses exp() of it unclamped."""
+    case = dict(head="TDB", tdb_proj="raw")
+    sd, src = clip2video_checkpoint(tmp_path, case, logit_scale=150.0)
+    loaded = convert_clip2video(tmp_path, case, src)
+    assert loaded.cfg.max_logit_scale == pytest.approx(150.0, rel=1e-6)
+    section = json.loads((tmp_path / "export" / "config.json").read_text())["ptrain"]
+    assert section["model"]["max_logit_scale"] == pytest.approx(150.0, rel=1e-6)
+    assert section["logit_scale"] == pytest.approx(150.0, rel=1e-6)
+    assert float(loaded.logit_scale().detach()) == pytest.approx(150.0, rel=1e-6)
+    frames, ids = _frames(), _ids()
+    attn = (ids > 0).long()
+    ours = loaded.similarity(loaded.encode_text(ids, attn), loaded.encode_video(frames, MASK))
+    assert _rel_err(ours, ref_clip2video_case(sd, case, frames, MASK, ids, attn)) <= 1e-4
+    # A scale below 100 keeps the usual bound.
+    (tmp_path / "low").mkdir()
+    sd, _ = clip2video_checkpoint(tmp_path / "low", case, logit_scale=20.0)
+    assert import_reference(sd).cfg.max_logit_scale == 100.0
+
+
+def test_frame_table_too_short_names_the_checkpoint_and_the_fix(tmp_path):
+    """A reference frame position table has 77 rows; more frames cannot be imported from it."""
+    sd = reference_state_dict(small_model("seqTransf"), "clip4clip")
+    assert sd["frame_position_embeddings.weight"].shape[0] == 77
+    torch.save(sd, tmp_path / "pytorch_model.bin.3")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["convert", f"src={tmp_path}", f"out={tmp_path / 'export'}", "num_frames=100"])
+    msg = str(e.value)
+    assert "pytorch_model.bin.3" in msg and "frame_position_embeddings.weight" in msg and "77 rows" in msg
+    assert "num_frames=100" in msg and "num_frames<=77" in msg
+    assert not (tmp_path / "export" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match=r"my\.bin: .*77 rows.*num_frames<=77"):
+        import_reference(sd, source="my.bin", num_frames=78)
 
 
 def test_import_rejects_mismatched_checkpoints():

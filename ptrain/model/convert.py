@@ -19,6 +19,7 @@ Every checkpoint key must be used and every model key filled (unlike the referen
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -102,10 +103,13 @@ def infer_model_config(sd: dict, fmt: str, image_size: int, *, head="auto", num_
     if head != "auto" and head != inferred:
         raise ValueError(f"head={head} was requested but the checkpoint's keys describe head {inferred}; drop head= or fix it.")
     use_compat = fmt == "clip2video" if compat == "auto" else compat in (True, "true")
+    # The references use exp(logit_scale) unclamped at test time (CLIP4Clip clamps the parameter to
+    # ln 100 after each step, CLIP2Video's stored value may lie above): keep it exact.
+    stored = math.exp(float(sd["clip.logit_scale"])) if "clip.logit_scale" in sd else 100.0
     return ModelConfig(
         clip=clip_name, head=inferred, num_frames=num_frames, max_words=max_words, frame_size=image_size,
         linear_patch="3d" if "clip.visual.conv2.weight" in sd else "2d", cross_layers=layers or 4,
-        compat=use_compat, **opts,
+        compat=use_compat, max_logit_scale=max(100.0, stored), **opts,
     )
 
 
@@ -125,11 +129,11 @@ def _map_head_key(key: str, fmt: str, cfg: ModelConfig) -> str | None:
     raise ValueError(f"unexpected key {key!r} in the {fmt} checkpoint.")
 
 
-def import_reference(sd: dict, fmt: str = "auto", **options) -> VideoTextModel:
+def import_reference(sd: dict, fmt: str = "auto", source: str = "the checkpoint", **options) -> VideoTextModel:
     """Build our model from a CLIP4Clip / CLIP2Video state dict (strict: every key used, every slot filled).
 
-    ``options``: ``head``, ``num_frames``, ``max_words``, ``tab_motion``, ``tab_weight``, ``compat``,
-    ``clip_name`` (see ``infer_model_config``)."""
+    ``source`` names the checkpoint in errors. ``options``: ``head``, ``num_frames``, ``max_words``,
+    ``tab_motion``, ``tab_weight``, ``compat``, ``clip_name`` (see ``infer_model_config``)."""
     sd = _clean(sd)
     fmt = detect_format(sd) if fmt == "auto" else fmt
     clip_sd = {k[len("clip."):]: v for k, v in sd.items() if k.startswith("clip.")}
@@ -139,16 +143,36 @@ def import_reference(sd: dict, fmt: str = "auto", **options) -> VideoTextModel:
     model = VideoTextModel(cfg, clip, scale, init_from_clip=False)
     state = {f"clip.{k}": v for k, v in clip.state_dict().items()}
     state["logit_scale.log_scale"] = hf["logit_scale"].reshape(1)
+    expected = model.state_dict()
     for key, value in sd.items():
         if key.startswith("clip."):
             continue
         ours = _map_head_key(key, fmt, cfg)
         if ours is not None:
             state[ours] = value
+            _check_shape(source, key, value, expected.get(ours), cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{fmt} checkpoint does not fit head {cfg.head}: missing {missing[:4]}, unexpected {unexpected[:4]}.")
     return model.eval()
+
+
+def _check_shape(source: str, key: str, value: torch.Tensor, ours: torch.Tensor | None, cfg: ModelConfig) -> None:
+    """A clear error for a head tensor whose shape does not fit (instead of load_state_dict's RuntimeError)."""
+    if ours is None or ours.shape == value.shape:
+        return
+    if key.endswith("position_embeddings.weight") and value.dim() == ours.dim() == 2 and value.shape[1] == ours.shape[1]:
+        rows = value.shape[0]
+        most = rows - 1 if key.startswith("cross.") else rows  # the cross encoder's row 0 is the text token
+        raise ValueError(
+            f"{source}: {key} is a position table of {rows} rows, but num_frames={cfg.num_frames} needs "
+            f"{ours.shape[0]} rows (head {cfg.head}): the checkpoint was trained for at most {most} frames per clip. "
+            f"Convert with num_frames<={most} (ptrain convert src=... num_frames={min(cfg.num_frames, most)})."
+        )
+    raise ValueError(
+        f"{source}: {key} has shape {list(value.shape)} but head {cfg.head} expects {list(ours.shape)}; "
+        "the checkpoint does not fit the architecture inferred from its keys."
+    )
 
 
 def reference_state_dict(model: VideoTextModel, fmt: str, clip_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
@@ -175,8 +199,8 @@ def reference_state_dict(model: VideoTextModel, fmt: str, clip_dtype: torch.dtyp
     return out
 
 
-def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """A reference checkpoint file, or the highest ``pytorch_model.bin.N`` in a directory."""
+def checkpoint_file(path: str) -> Path:
+    """``path`` itself, or the highest ``pytorch_model.bin.N`` in a directory."""
     p = Path(path)
     if p.is_dir():
         found = sorted(p.glob("pytorch_model.bin.*"), key=lambda f: int(f.suffix[1:]) if f.suffix[1:].isdigit() else -1)
@@ -185,6 +209,12 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
         p = found[-1]
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} does not exist.")
+    return p
+
+
+def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """A reference checkpoint file, or the highest ``pytorch_model.bin.N`` in a directory."""
+    p = checkpoint_file(path)
     sd = torch.load(p, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
@@ -209,10 +239,14 @@ def run(cfg: ConvertConfig) -> int:
                            frame_size=clip.config.vision_config.image_size, tab_motion=cfg.tab_motion, tab_weight=cfg.tab_weight)
         model = VideoTextModel(mcfg, clip, scale).eval()
     else:
-        model = import_reference(
-            read_checkpoint(cfg.src), cfg.format, head=cfg.head, num_frames=cfg.num_frames, max_words=cfg.max_words,
-            tab_motion=cfg.tab_motion, tab_weight=cfg.tab_weight, compat=cfg.compat, clip_name=str(cfg.src),
-        )
+        try:
+            model = import_reference(
+                read_checkpoint(cfg.src), cfg.format, source=str(checkpoint_file(cfg.src)), head=cfg.head,
+                num_frames=cfg.num_frames, max_words=cfg.max_words, tab_motion=cfg.tab_motion,
+                tab_weight=cfg.tab_weight, compat=cfg.compat, clip_name=str(cfg.src),
+            )
+        except ValueError as e:  # a checkpoint that does not fit: say so without a traceback
+            raise SystemExit(f"ptrain convert: {e}") from None
     save_export(model, out)
     m = model.cfg
     params = sum(p.numel() for p in model.parameters())
