@@ -72,7 +72,81 @@ def test_export_is_self_describing_and_hf_loadable(tmp_path):
         torch.testing.assert_close(hf.get_text_features(input_ids=ids).pooler_output, model.text_features(ids)[0])
         pixels = (frames[0].float() / 255 - model.pixel_mean) / model.pixel_std
         torch.testing.assert_close(hf.get_image_features(pixel_values=pixels).pooler_output, model.frame_features(frames[:1])[0])
-    assert float(hf.logit_scale.exp()) == pytest.approx(float(model.logit_scale()), rel=1e-6)
+    assert float(hf.logit_scale.detach().exp()) == pytest.approx(float(model.logit_scale().detach()), rel=1e-6)
+
+
+def _hf_tokenizer_dir(path):
+    """A Hugging Face-layout CLIP tokenizer directory (vocab.json + merges.txt) of the CLIP vocabulary."""
+    from ptrain.model.tokenizer import _DEFAULT_VOCAB, _load_clip_gz
+
+    encoder, merges = _load_clip_gz(_DEFAULT_VOCAB)
+    path.mkdir()
+    (path / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("vocab", ["shipped", "hf_dir"])
+def test_export_carries_its_vocabulary_and_can_be_moved(tmp_path, vocab):
+    """The export holds its own copy of the vocabulary, named relatively in config.json, so a moved
+    export still tokenizes (and the source vocabulary may be gone)."""
+    import shutil
+
+    from ptrain.model.tokenizer import _DEFAULT_VOCAB
+
+    kw = {"tokenizer": str(_hf_tokenizer_dir(tmp_path / "hf_tok"))} if vocab == "hf_dir" else {}
+    model = _model("meanP", **kw)
+    texts = ["a man is cooking", "Café naïve 東京 🎉"]
+    want = model.tokenize(texts)
+    out = save_export(model, tmp_path / "export")
+    section = json.loads((out / "config.json").read_text())["ptrain"]
+    rel = section["tokenizer"]["vocab"]
+    assert not rel.startswith("/") and (out / rel).exists()
+    if vocab == "shipped":
+        assert rel == "bpe_simple_vocab_16e6.txt.gz" and section["model"]["tokenizer"] == ""
+        assert (out / rel).read_bytes() == open(_DEFAULT_VOCAB, "rb").read()
+    else:
+        assert rel == "tokenizer" and section["model"]["tokenizer"] == "tokenizer"
+        assert sorted(p.name for p in (out / rel).iterdir()) == ["merges.txt", "vocab.json"]
+        shutil.rmtree(tmp_path / "hf_tok")  # the original vocabulary is gone
+    moved = tmp_path / "elsewhere" / "my_export"
+    moved.parent.mkdir()
+    shutil.move(str(out), str(moved))
+    loaded = ptrain.load(moved)
+    assert loaded.tokenizer_path is not None and loaded.tokenizer_path.startswith(str(moved.resolve()))
+    got = loaded.tokenize(texts)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    if vocab == "shipped":
+        assert loaded.cfg == model.cfg
+    # Re-exporting a loaded model (into a new directory, or over itself) keeps the vocabulary.
+    for again in (tmp_path / "again", moved):
+        save_export(loaded, again)
+        assert torch.equal(ptrain.load(again).tokenize(texts)[0], want[0])
+    # An export whose vocabulary went missing says so.
+    if vocab == "shipped":
+        (moved / rel).unlink()
+    else:
+        shutil.rmtree(moved / rel)
+    with pytest.raises(FileNotFoundError, match="vocabulary"):
+        ptrain.load(moved)
+
+
+def test_older_exports_still_load(tmp_path):
+    """Exports written before the vocabulary copy (repo-relative shipped path) and before raw TDB
+    dropped its unused LayerNorm."""
+    model = _model("TDB", tdb_proj="raw")
+    out = save_export(model, tmp_path / "export")
+    (out / "bpe_simple_vocab_16e6.txt.gz").unlink()
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["ptrain"]["tokenizer"]["vocab"] = "ptrain/model/bpe_simple_vocab_16e6.txt.gz"
+    (out / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["head.tdb.trans_layernorm.weight"], tensors["head.tdb.trans_layernorm.bias"] = torch.ones(32), torch.zeros(32)
+    save_file(tensors, str(out / "model.safetensors"))
+    loaded = ptrain.load(out)
+    assert loaded.tokenizer_path is None and torch.equal(loaded.tokenize(["a dog"])[0], model.tokenize(["a dog"])[0])
+    frames, mask = _inputs()
+    torch.testing.assert_close(loaded.encode_video(frames, mask), model.encode_video(frames, mask))
 
 
 def test_load_is_strict_and_errors_name_the_fix(tmp_path):
@@ -103,7 +177,7 @@ def test_hf_directory_as_backbone(tmp_path):
     ids = torch.tensor([[49406, 320, 1929, 49407, 0, 0]])
     with torch.no_grad():
         torch.testing.assert_close(model.text_features(ids)[0], hf.get_text_features(input_ids=ids).pooler_output)
-    assert float(model.logit_scale()) == pytest.approx(float(hf.logit_scale.exp()), rel=1e-6)
+    assert float(model.logit_scale().detach()) == pytest.approx(float(hf.logit_scale.detach().exp()), rel=1e-6)
 
 
 def test_docs_example_embeds_a_folder_of_videos(tmp_path):

@@ -9,6 +9,8 @@ Layout of an export directory:
   ``format_version``, ``ptrain_version``, ``model`` (the full ``ModelConfig``: head, frames,
   frame size, head options ...), ``normalization`` (mean/std of pixel values in [0, 1]),
   ``tokenizer`` (type, SOT/EOT ids, vocab size, max_words, vocabulary file), ``logit_scale``.
+- the tokenizer's vocabulary: ``bpe_simple_vocab_16e6.txt.gz`` (or ``tokenizer/{vocab.json,merges.txt}``
+  for a Hugging Face tokenizer), named relatively by ``ptrain.tokenizer.vocab``, so an export can be moved.
 - ``model.safetensors``: the CLIP weights under Hugging Face names (``text_model.*``,
   ``vision_model.*``, ``visual_projection.weight``, ``text_projection.weight``, 0-dim ``logit_scale``)
   and the head weights under ``head.*`` / ``tab.*`` (3D patch: ``vision_model.embeddings.patch_embedding_3d.weight``).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -32,6 +35,7 @@ from transformers import CLIPConfig
 import ptrain
 from ptrain.model.clip import clip_from_hf_state
 from ptrain.model.config import ModelConfig
+from ptrain.model.tokenizer import _DEFAULT_VOCAB
 from ptrain.model.video_text import CLIP_MEAN, CLIP_STD, VideoTextModel
 
 FORMAT_VERSION = 1
@@ -52,16 +56,49 @@ def export_state_dict(model: VideoTextModel, state_dict: dict[str, torch.Tensor]
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
-def _ptrain_section(model: VideoTextModel, log_scale: torch.Tensor) -> dict:
+# What exports before the vocabulary was copied recorded for the shipped vocabulary.
+_LEGACY_SHIPPED_VOCAB = "ptrain/model/bpe_simple_vocab_16e6.txt.gz"
+_HF_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def _tokenizer_source(model: VideoTextModel) -> Path:
+    return Path(model.tokenizer_path or model.cfg.tokenizer or _DEFAULT_VOCAB)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # re-saving into the export the model was loaded from
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _copy_vocabulary(model: VideoTextModel, out: Path) -> str:
+    """Copy the tokenizer's vocabulary into ``out``; returns its path relative to ``out``."""
+    src = _tokenizer_source(model)
+    if src.is_dir():  # a Hugging Face tokenizer directory: its two files, under tokenizer/
+        (out / "tokenizer").mkdir(exist_ok=True)
+        for name in _HF_TOKENIZER_FILES:
+            _copy_atomic(src / name, out / "tokenizer" / name)
+        return "tokenizer"
+    if not src.is_file():
+        raise FileNotFoundError(f"tokenizer vocabulary {src} does not exist; the export must carry it (set model.tokenizer).")
+    _copy_atomic(src, out / src.name)
+    return src.name
+
+
+def _ptrain_section(model: VideoTextModel, log_scale: torch.Tensor, vocab: str) -> dict:
     cfg = model.cfg
+    shipped = not cfg.tokenizer  # '' = the shipped vocabulary (a loaded model reads the export's copy of it)
     return {
         "format_version": FORMAT_VERSION,
         "ptrain_version": ptrain.__version__,
-        "model": asdict(cfg),
+        # tokenizer: '' = the shipped CLIP vocabulary, else the copy inside the export (relative).
+        "model": {**asdict(cfg), "tokenizer": "" if shipped else vocab},
         "normalization": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "input": "RGB in [0, 1] after /255"},
         "tokenizer": {
             "type": "clip_bpe",
-            "vocab": cfg.tokenizer or "ptrain/model/bpe_simple_vocab_16e6.txt.gz",
+            "vocab": vocab,  # relative to the export directory: a .txt.gz merges file or a vocab.json + merges.txt dir
             "sot_token_id": 49406,
             "eot_token_id": 49407,
             "vocab_size": model.clip.config.text_config.vocab_size,
@@ -83,7 +120,8 @@ def save_export(model: VideoTextModel, out_dir: str | os.PathLike, state_dict: d
     config = model.clip.config.to_dict()
     config["architectures"] = ["CLIPModel"]
     config["logit_scale_init_value"] = float(tensors["logit_scale"])
-    config["ptrain"] = _ptrain_section(model, tensors["logit_scale"])  # from tensors: ZeRO-3 params may be partitioned
+    vocab = _copy_vocabulary(model, out)
+    config["ptrain"] = _ptrain_section(model, tensors["logit_scale"], vocab)  # from tensors: ZeRO-3 params may be partitioned
     # Write to temporaries in the same directory, then rename: readers never see half a file.
     with tempfile.NamedTemporaryFile(dir=out, suffix=".safetensors.tmp", delete=False) as f:
         tmp_weights = f.name
@@ -95,9 +133,25 @@ def save_export(model: VideoTextModel, out_dir: str | os.PathLike, state_dict: d
     return out
 
 
-def _model_config(section: dict, path: Path) -> ModelConfig:
+def _vocabulary(section: dict, path: Path) -> str | None:
+    """The export's vocabulary (absolute path), or None for the shipped one (exports of format 1 that predate the copy)."""
+    vocab = section.get("tokenizer", {}).get("vocab") or _LEGACY_SHIPPED_VOCAB
+    if vocab == _LEGACY_SHIPPED_VOCAB and not (path / vocab).exists():
+        return None
+    found = path / vocab  # relative to the export (an absolute path stays absolute)
+    if found.is_file() or (found.is_dir() and all((found / f).is_file() for f in _HF_TOKENIZER_FILES)):
+        return str(found.resolve())
+    raise FileNotFoundError(
+        f"{path}/config.json: the tokenizer vocabulary {vocab!r} is not in the export directory; copy the export "
+        "directory whole (it carries its vocabulary) or re-export the model."
+    )
+
+
+def _model_config(section: dict, path: Path, vocab: str | None) -> ModelConfig:
     known = {f.name for f in fields(ModelConfig)}
     values = {k: v for k, v in section.get("model", {}).items() if k in known}
+    if values.get("tokenizer") and vocab is not None:
+        values["tokenizer"] = vocab  # a non-default vocabulary: the export's copy, as a usable path
     try:
         return ModelConfig(**values)
     except (TypeError, ValueError) as e:
@@ -119,7 +173,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", dtyp
         raise ValueError(f"{cfg_file} has no 'ptrain' section: this is a plain Hugging Face CLIP; use model.clip={str(path)!r} instead.")
     if section.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer ptrain (format {section['format_version']}); upgrade ptrain.")
-    cfg = _model_config(section, path)
+    vocab = _vocabulary(section, path)
+    cfg = _model_config(section, path, vocab)
     tensors = load_file(str(weights), device="cpu")
     clip_state = {k: v for k, v in tensors.items() if not k.startswith(("head.", "tab."))}
     rest = {k: v for k, v in tensors.items() if k.startswith(("head.", "tab."))}
@@ -131,6 +186,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", dtyp
     missing, unexpected = model.load_state_dict({**{f"clip.{k}": v for k, v in clip.state_dict().items()}, **rest}, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights}: weights do not match head {cfg.head}: missing {missing[:4]}, unexpected {unexpected[:4]}.")
+    model.tokenizer_path = vocab
     model = model.to(map_location)
     if dtype is not None:
         model = model.to(dtype)

@@ -114,6 +114,9 @@ class VideoTextModel(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self._tokenizer = None
+        # Where ``tokenize`` reads its vocabulary: set by ``ptrain.load`` to the export's own copy;
+        # None = ``cfg.tokenizer`` ('' = the CLIP BPE file shipped in ptrain/model/).
+        self.tokenizer_path: str | None = None
 
     # ------------------------------------------------------------------------------------------
     # encoders
@@ -213,9 +216,10 @@ class VideoTextModel(nn.Module):
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP BPE ids and mask as LongTensors [N, max_words] (SOT + tokens + EOT, zero padded)."""
         if self._tokenizer is None:
-            from ptrain.model.tokenizer import ClipTokenizer, get_tokenizer
+            from ptrain.model.tokenizer import _DEFAULT_VOCAB, ClipTokenizer, get_tokenizer
 
-            self._tokenizer = ClipTokenizer(self.cfg.tokenizer) if self.cfg.tokenizer else get_tokenizer()
+            path = self.tokenizer_path or self.cfg.tokenizer
+            self._tokenizer = ClipTokenizer(path) if path and path != _DEFAULT_VOCAB else get_tokenizer()
         ids, mask = self._tokenizer(list(texts), max_words=self.cfg.max_words)
         return torch.from_numpy(ids), torch.from_numpy(mask)
 
