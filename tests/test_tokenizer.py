@@ -1,7 +1,8 @@
 """ptrain.model.tokenizer: byte-exact against open_clip's SimpleTokenizer, CLIP4Clip truncation.
 
-open_clip is installed --no-deps and its package __init__ needs torchvision, so the reference is
-loaded from the file open_clip/tokenizer.py alone (it needs only ftfy, regex, numpy and torch).
+open_clip is installed --no-deps by `launch/setup.sh --test` (a missing open_clip fails the parity
+tests, never skips them) and its package __init__ needs torchvision, so the reference is loaded from
+the file open_clip/tokenizer.py alone (it needs only ftfy, regex, numpy and torch).
 """
 
 import importlib.util
@@ -41,17 +42,37 @@ HARD_TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ref():
-    """An instance of open_clip's SimpleTokenizer, loaded from its module file (skips the torchvision-needing __init__)."""
+OPEN_CLIP_MISSING = (
+    "open_clip_torch is not installed, so the tokenizer parity tests cannot run (they must not be skipped: "
+    "parity with open_clip is what they prove). Install the test dependencies with `bash launch/setup.sh --test`, "
+    "or `python -m pip install --no-deps open_clip_torch`."
+)
+
+
+def _open_clip_reference():
+    """open_clip's SimpleTokenizer, loaded from its module file (skips the torchvision-needing
+    __init__). A missing open_clip fails the parity tests: launch/setup.sh --test installs it."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch)")
+        pytest.fail(OPEN_CLIP_MISSING, pytrace=False)
     path = f"{list(spec.submodule_search_locations)[0]}/tokenizer.py"
     mod_spec = importlib.util.spec_from_file_location("_open_clip_tokenizer_ref", path)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
     return module.SimpleTokenizer()
+
+
+@pytest.fixture(scope="module")
+def ref():
+    """The reference tokenizer for the parity tests (only those request it)."""
+    return _open_clip_reference()
+
+
+def test_missing_open_clip_fails_instead_of_skipping(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(pytest.fail.Exception, match=r"pip install --no-deps open_clip_torch") as e:
+        _open_clip_reference()
+    assert "launch/setup.sh --test" in str(e.value)
 
 
 @pytest.fixture(scope="module")
