@@ -180,8 +180,9 @@ def test_hf_directory_as_backbone(tmp_path):
     assert float(model.logit_scale().detach()) == pytest.approx(float(hf.logit_scale.detach().exp()), rel=1e-6)
 
 
-def test_docs_example_embeds_a_folder_of_videos(tmp_path):
-    """The ten-line example of docs/model.md, run on PyAV-made videos and a tiny export."""
+@pytest.mark.parametrize("doc_file", ["README.md", "docs/model.md"])
+def test_docs_example_embeds_a_folder_of_videos(tmp_path, doc_file):
+    """The ten-line example shown in the README and docs/model.md, run on PyAV-made videos and a tiny export."""
     import re
     from pathlib import Path
 
@@ -201,7 +202,7 @@ def test_docs_example_embeds_a_folder_of_videos(tmp_path):
                     box.mux(packet)
             for packet in stream.encode():
                 box.mux(packet)
-    doc = (Path(__file__).parent.parent / "docs" / "model.md").read_text()
+    doc = (Path(__file__).parent.parent / doc_file).read_text()
     code = re.search(r"```python\n(import glob.*?)```", doc, re.S).group(1)
     assert len(code.strip().splitlines()) <= 14
     import contextlib
@@ -212,7 +213,7 @@ def test_docs_example_embeds_a_folder_of_videos(tmp_path):
     os.chdir(tmp_path)
     try:
         with contextlib.redirect_stdout(io.StringIO()) as out:
-            exec(compile(code, "docs/model.md", "exec"), {})
+            exec(compile(code, doc_file, "exec"), {})
     finally:
         os.chdir(cwd)
     assert sorted(eval(out.getvalue())) == ["videos/v0.mp4", "videos/v1.mp4", "videos/v2.mp4"]
