@@ -57,10 +57,9 @@ def _gather_objects(items: list) -> list[list]:
 @torch.no_grad()
 def reverse_frames(frames_BTCHW: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Each clip's real frames in reverse order (padding stays at the end)."""
-    n_B = mask_BT.long().sum(1)
-    t_T = torch.arange(frames_BTCHW.shape[1])
-    idx_BT = torch.where(t_T[None] < n_B[:, None], n_B[:, None] - 1 - t_T[None], t_T[None])
-    return frames_BTCHW[torch.arange(frames_BTCHW.shape[0])[:, None], idx_BT]
+    from ptrain.model.video_text import reverse_clips
+
+    return reverse_clips(frames_BTCHW, mask_BT)
 
 
 def embed(model, loader, max_samples: int = 0, reversed_too: bool = False) -> dict[str, Any]:

@@ -14,6 +14,9 @@
 - Multi-positive: samples with equal ``group_ids`` (e.g. two captions of one video) are positives of
   each other. A row's loss is MIL-NCE style, -log(sum of softmax over its positives); with one
   positive per row this is the usual cross-entropy on the diagonal.
+- Reversal negatives (``extra_video_BD``): more gallery columns for the text->video direction only,
+  never anyone's positive; the model passes every clip played backwards, so a caption must prefer
+  its clip over the same frames in reverse order (``acc_order`` is the fraction that does).
 - The tight (cross-encoder) head scores only local pairs: ``pairwise_loss`` on its B x B logits.
 """
 
@@ -50,36 +53,56 @@ def contrastive_loss(
     *,
     local_loss: bool = False,
     gather_with_grad: bool = True,
+    extra_video_BD: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Symmetric InfoNCE of normalised text/video rows; returns (loss, detached stats)."""
+    """Symmetric InfoNCE of normalised text/video rows; returns (loss, detached stats).
+    ``extra_video_BD``: negatives-only video rows (row i = clip i played backwards) for text->video."""
     if text_BD.shape != video_BD.shape:
         raise ValueError(f"text features {tuple(text_BD.shape)} and video features {tuple(video_BD.shape)} must match.")
+    if extra_video_BD is not None and extra_video_BD.shape != video_BD.shape:
+        raise ValueError(f"extra video rows {tuple(extra_video_BD.shape)} must match the video rows {tuple(video_BD.shape)}.")
     batch = text_BD.shape[0]
     groups_B = _default_groups(batch, text_BD.device) if group_ids_B is None else group_ids_B.to(text_BD.device).long()
     gather = du.all_gather_with_grad if gather_with_grad else du.all_gather_no_grad
     text_ND, video_ND = gather(text_BD.float()), gather(video_BD.float())
+    extra_ND = gather(extra_video_BD.float()) if extra_video_BD is not None else None
     groups_N = du.all_gather_tensor(groups_B)
     scale = logit_scale.float()
+    stats: dict[str, torch.Tensor] = {}
+
+    def with_extra(logits_RN, positive_RN, text_RD):
+        # the reversed clips: more columns, never positive
+        if extra_ND is None:
+            return logits_RN, positive_RN
+        extra_RN = scale * text_RD @ extra_ND.t()
+        return torch.cat([logits_RN, extra_RN], 1), torch.cat([positive_RN, torch.zeros_like(positive_RN)], 1)
 
     if local_loss:
         # Local rows x global columns in both directions.
         positive_BN = groups_B[:, None] == groups_N[None, :]
         logits_t2v = scale * text_BD.float() @ video_ND.t()
         logits_v2t = scale * video_BD.float() @ text_ND.t()
-        loss_t2v = multi_positive_nce(logits_t2v, positive_BN)
+        loss_t2v = multi_positive_nce(*with_extra(logits_t2v, positive_BN, text_BD.float()))
         loss_v2t = multi_positive_nce(logits_v2t, positive_BN)
         hits = _top1_hits(logits_t2v.detach(), positive_BN)
     else:
         # The full global N x N matrix, identical on every rank.
         positive_NN = groups_N[:, None] == groups_N[None, :]
         logits_t2v = scale * text_ND @ video_ND.t()
-        loss_t2v = multi_positive_nce(logits_t2v, positive_NN)
+        loss_t2v = multi_positive_nce(*with_extra(logits_t2v, positive_NN, text_ND))
         loss_v2t = multi_positive_nce(logits_t2v.t(), positive_NN)
         start = du.rank() * batch if du.is_initialized() else 0
         rows = slice(start, start + batch)
         hits = _top1_hits(logits_t2v.detach()[rows], positive_NN[rows])
+    if extra_video_BD is not None:
+        with torch.no_grad():  # does each caption score its clip above the clip played backwards?
+            t = text_BD.float()
+            own = (t * video_BD.float()).sum(-1)
+            rev = (t * extra_video_BD.float()).sum(-1)
+            tie = (own - rev).abs() <= 1e-5  # an order-blind head differs by float summation order only
+            stats["acc_order"] = torch.where(tie, 0.5, (own > rev).float()).mean()
     loss = 0.5 * (loss_t2v + loss_v2t)
-    return loss, {"loss_t2v": loss_t2v.detach(), "loss_v2t": loss_v2t.detach(), "acc_t2v": hits}
+    return loss, {"loss_t2v": loss_t2v.detach(), "loss_v2t": loss_v2t.detach(), "acc_t2v": hits, **stats}
 
 
 def pairwise_loss(logits_BB: torch.Tensor, group_ids_B: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:

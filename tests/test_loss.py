@@ -43,6 +43,40 @@ def test_group_ids_make_duplicates_positives():
     assert grouped < unique  # a duplicate is no longer pushed away as a negative
 
 
+def test_reversal_negatives_are_extra_text_to_video_columns():
+    torch.manual_seed(0)
+    t, v, r = (F.normalize(torch.randn(3, 8), dim=-1) for _ in range(3))
+    for local in (False, True):
+        loss, stats = contrastive_loss(t, v, torch.tensor(10.0), extra_video_BD=r, local_loss=local)
+        t2v = 10.0 * torch.cat([t @ v.t(), t @ r.t()], 1)  # columns 3..5: clips played backwards, never positive
+        want = 0.5 * (F.cross_entropy(t2v, torch.arange(3)) + F.cross_entropy(10.0 * v @ t.t(), torch.arange(3)))
+        torch.testing.assert_close(loss, want)
+        own, rev = (t * v).sum(1), (t * r).sum(1)
+        assert stats["acc_order"] == (own > rev).float().mean()
+    # an order-blind head gives identical reversed rows: every order comparison is a tie (0.5)
+    _, stats = contrastive_loss(t, v, torch.tensor(10.0), extra_video_BD=v.clone())
+    assert stats["acc_order"] == 0.5
+
+
+def test_model_reversal_negatives_reverse_the_real_frames_only():
+    from ptrain.model import ModelConfig, build_model
+    from ptrain.model.video_text import reverse_clips
+
+    x = torch.arange(2 * 4).reshape(2, 4, 1).float()
+    assert reverse_clips(x, torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))[..., 0].tolist() == [[2, 1, 0, 3], [7, 6, 5, 4]]
+    frames, mask, ids, attn = _batch()
+    for head, order_blind in (("meanP", True), ("TDB", False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            model = build_model(ModelConfig(clip="tiny", head=head, frame_size=16, num_frames=3, max_words=6,
+                                            cross_layers=1, reverse_negatives=True))
+        out = model(frames, mask, ids, attn)
+        assert torch.isfinite(out["loss"])
+        # meanP cannot tell a clip from its reversal (all ties); a temporal head at random init already can
+        assert (float(out["acc_order"]) == 0.5) == order_blind, (head, out["acc_order"])
+
+
 def test_pairwise_loss_is_local_cross_entropy():
     logits = torch.tensor([[3.0, 0.0], [1.0, 2.0]])
     loss, _ = pairwise_loss(logits)
@@ -53,21 +87,22 @@ def test_pairwise_loss_is_local_cross_entropy():
 # ----------------------------------------------------------------------------------------------
 # two gloo ranks vs one process
 
-CASES = [  # (head, local_loss, group ids of the global batch of 4)
-    ("meanP", False, [0, 1, 0, 3]),
-    ("TAB", False, [0, 1, 2, 1]),
-    ("seqTransf", True, [0, 1, 2, 3]),
+CASES = [  # (head, local_loss, group ids of the global batch of 4, reversal negatives)
+    ("meanP", False, [0, 1, 0, 3], False),
+    ("TAB", False, [0, 1, 2, 1], True),
+    ("seqTransf", True, [0, 1, 2, 3], False),
+    ("TDB", True, [0, 1, 2, 3], True),
 ]
 
 
-def _model(head, local_loss):
+def _model(head, local_loss, reverse=False):
     from ptrain.model import ModelConfig, build_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
         return build_model(ModelConfig(clip="tiny", head=head, frame_size=16, num_frames=3, max_words=6,
-                                       cross_layers=1, local_loss=local_loss)).train()
+                                       cross_layers=1, local_loss=local_loss, reverse_negatives=reverse)).train()
 
 
 def _batch():
@@ -81,8 +116,8 @@ def _batch():
 
 def _run_single():
     results = []
-    for head, local_loss, groups in CASES:
-        model = _model(head, local_loss)
+    for head, local_loss, groups, reverse in CASES:
+        model = _model(head, local_loss, reverse)
         out = model(*_batch(), torch.tensor(groups))
         out["loss"].backward()
         results.append((out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
@@ -96,8 +131,8 @@ def _worker(rank, world, port, out_path):
     torch.set_num_threads(1)
     try:
         results = []
-        for head, local_loss, groups in CASES:
-            model = _model(head, local_loss)
+        for head, local_loss, groups, reverse in CASES:
+            model = _model(head, local_loss, reverse)
             frames, mask, ids, attn = (x[rank * 2 : rank * 2 + 2] for x in _batch())
             out = model(frames, mask, ids, attn, torch.tensor(groups[rank * 2 : rank * 2 + 2]))
             out["loss"].backward()
@@ -191,7 +226,7 @@ def test_two_gloo_ranks_model_equals_one_process(tmp_path):
     """The full model forward (loss inside forward) on 2 ranks == 1 process on the whole batch."""
     distributed = _spawn(_worker, tmp_path)
     single = _run_single()
-    for (head, local_loss, _), (loss1, grads1), (loss2, grads2) in zip(CASES, single, distributed):
+    for (head, local_loss, _, _), (loss1, grads1), (loss2, grads2) in zip(CASES, single, distributed):
         torch.testing.assert_close(loss2, loss1, rtol=1e-5, atol=1e-6, msg=f"{head} local_loss={local_loss}")
         assert set(grads1) == set(grads2)
         for name in grads1:

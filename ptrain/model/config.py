@@ -57,6 +57,11 @@ class ModelConfig:
     )
     local_loss: bool = opt(False, "InfoNCE over local rows x global columns (linear memory) instead of the full global matrix")
     gather_with_grad: bool = opt(True, "all-gather features with gradient (exact global-batch gradients)")
+    reverse_negatives: bool = opt(
+        False,
+        "training: every clip played backwards is an extra negative for its caption (text->video), which "
+        "teaches a temporal head the order of events; only for captions that describe ordered events",
+    )
     logit_scale_init: float = opt(0.0, "initial logit scale (the multiplier, not its log); 0 = from the checkpoint, or 1/0.07 at random init")
     max_logit_scale: float = opt(100.0, "the logit scale is clamped to at most this inside forward")
     grad_checkpointing: bool = opt(False, "recompute CLIP encoder layers in backward to save activation memory")
@@ -85,6 +90,9 @@ class ModelConfig:
                 )
         if self.head == "tightTransf" and 1 + self.num_frames > 77:
             raise ValueError(f"tightTransf feeds 1 + num_frames tokens through a 77-row position table; num_frames={self.num_frames} is too many.")
+        if self.reverse_negatives and self.head == "tightTransf":
+            raise ValueError("reverse_negatives is not supported with head=tightTransf (its loss scores local "
+                             "pairs in the cross encoder); use a loose temporal head such as seqTransf or TDB.")
         if not 0.0 <= self.tight_dropout < 1.0:
             raise ValueError(f"tight_dropout must lie in [0, 1), got {self.tight_dropout}.")
         if self.logit_scale_init < 0 or self.max_logit_scale <= 0:

@@ -38,6 +38,14 @@ from ptrain.model.heads import MeanP, SeqLSTM, SeqTransf, TDBHead, TemporalAlign
 
 
 
+def reverse_clips(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Each clip's real frames (or frame features) in reverse order; padding stays at the end."""
+    n_B = mask_BT.long().sum(1).to(x_BT.device)
+    t_T = torch.arange(x_BT.shape[1], device=x_BT.device)
+    idx_BT = torch.where(t_T[None] < n_B[:, None], n_B[:, None] - 1 - t_T[None], t_T[None])
+    return x_BT[torch.arange(x_BT.shape[0], device=x_BT.device)[:, None], idx_BT]
+
+
 class LogitScale(nn.Module):
     """The learnable temperature: a 1-D log-scale parameter (DeepSpeed rejects 0-dim ones).
 
@@ -190,7 +198,7 @@ class VideoTextModel(nn.Module):
     def forward(self, frames, frame_mask, input_ids, attention_mask, group_ids=None) -> dict:
         """The training step's forward: returns {"loss", "logit_scale", per-term stats} (stats detached)."""
         # Heads run in the parameters' dtype (bf16 under DeepSpeed); the loss casts to fp32.
-        video_BTD = self.frame_features(frames)
+        video_BTD = self.frame_features(frames, frame_mask)
         text_BD, tokens_BLD = self.text_features(input_ids, all_tokens=self.tab is not None)
         frame_mask = frame_mask.to(video_BTD.device)
         scale = self.logit_scale()
@@ -198,12 +206,21 @@ class VideoTextModel(nn.Module):
             loss, stats = pairwise_loss(self.head(text_BD, video_BTD, frame_mask), group_ids)
             return {"loss": loss, "logit_scale": scale.detach(), **stats}
         global_BD, tab_BD = self._video_vectors(video_BTD, frame_mask)
+        rev_global_BD = rev_tab_BD = None
+        if self.cfg.reverse_negatives:
+            # every clip played backwards, a negative for its own caption: the head must read frame order
+            if self.cfg.linear_patch == "3d":  # the 3D kernel mixes neighbouring frames: encode them again
+                rev_BTD = self.frame_features(reverse_clips(frames, frame_mask), frame_mask)
+            else:
+                rev_BTD = reverse_clips(video_BTD, frame_mask)
+            rev_global_BD, rev_tab_BD = self._video_vectors(rev_BTD, frame_mask)
         opts = dict(local_loss=self.cfg.local_loss, gather_with_grad=self.cfg.gather_with_grad)
-        loss, stats = contrastive_loss(F.normalize(text_BD, dim=-1), global_BD, scale, group_ids, **opts)
+        loss, stats = contrastive_loss(F.normalize(text_BD, dim=-1), global_BD, scale, group_ids,
+                                       extra_video_BD=rev_global_BD, **opts)
         out = {"logit_scale": scale.detach(), **stats}
         if self.tab is not None:
             text_tab = self.tab.text(tokens_BLD, attention_mask.to(video_BTD.device))
-            loss_tab, _ = contrastive_loss(text_tab, tab_BD, scale, group_ids, **opts)
+            loss_tab, _ = contrastive_loss(text_tab, tab_BD, scale, group_ids, extra_video_BD=rev_tab_BD, **opts)
             w = self.cfg.tab_weight
             out.update(loss_global=loss.detach(), loss_tab=loss_tab.detach())
             loss = w * loss + (1 - w) * loss_tab
