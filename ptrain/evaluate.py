@@ -62,6 +62,13 @@ def reverse_frames(frames_BTCHW: torch.Tensor, mask_BT: torch.Tensor) -> torch.T
     return reverse_clips(frames_BTCHW, mask_BT)
 
 
+def _rows_of(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Features of the selected rows placed back into a zero tensor of the whole batch (CPU fp32)."""
+    out = torch.zeros((len(rows), *features.shape[1:]), dtype=torch.float32)
+    out[rows] = features.float().cpu()
+    return out
+
+
 def embed(model, loader, max_samples: int = 0, reversed_too: bool = False) -> dict[str, Any]:
     """Text and video features of every valid eval sample, in global (shard, tar) order, on every rank.
     ``reversed_too``: also the features of every clip played backwards (key ``video_rev``)."""
@@ -71,11 +78,16 @@ def embed(model, loader, max_samples: int = 0, reversed_too: bool = False) -> di
     B = None
     for j, batch in enumerate(loader):
         B = len(batch["keys"])
-        texts_f.append(model.encode_text(batch["input_ids"], batch["attention_mask"]).float().cpu())
-        videos_f.append(model.encode_video(batch["frames"], batch["frame_mask"]).float().cpu())
+        # One process: encode the real rows only. Padding rows are there to line up the collectives of
+        # several ranks; in a batch they would change compat (head-major) scores of the real clips.
+        rows = batch["valid"].bool() if world == 1 else torch.ones(B, dtype=torch.bool)
+        if not rows.any():  # nothing readable in this batch: encode it whole, its rows are dropped below
+            rows = torch.ones(B, dtype=torch.bool)
+        texts_f.append(_rows_of(model.encode_text(batch["input_ids"][rows], batch["attention_mask"][rows]), rows))
+        videos_f.append(_rows_of(model.encode_video(batch["frames"][rows], batch["frame_mask"][rows]), rows))
         if reversed_too:
-            rev = reverse_frames(batch["frames"], batch["frame_mask"])
-            rev_f.append(model.encode_video(rev, batch["frame_mask"]).float().cpu())
+            rev = reverse_frames(batch["frames"][rows], batch["frame_mask"][rows])
+            rev_f.append(_rows_of(model.encode_video(rev, batch["frame_mask"][rows]), rows))
         valid.append(batch["valid"].bool())
         g = j * world + rank  # EvalStream: rank r holds global batches r, r + world, ...
         pos.append(torch.arange(g * B, (g + 1) * B))
