@@ -101,7 +101,10 @@ class RunLogger:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     tb.add_scalar(f"{prefix}/{k}", v, step)
-        parts = [fmt.format(clean[k]) for k, fmt in _CONSOLE if isinstance(clean.get(k), (int, float))]
+        shown = dict(clean)
+        if "lr_new" not in shown and "lr_clip" in shown:  # meanP has no new parameters: show CLIP's rate
+            shown["lr_new"] = shown["lr_clip"]
+        parts = [fmt.format(shown[k]) for k, fmt in _CONSOLE if isinstance(shown.get(k), (int, float))]
         if prefix == "train":
             line = " | ".join(parts)
             if self._bar is not None:

@@ -36,6 +36,7 @@ import csv
 import io
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -102,12 +103,15 @@ class SampleDataConfig:
     min_duration: float = opt(8.0, "shortest video, seconds (>= 2)")
     max_duration: float = opt(20.0, "longest video, seconds")
     overwrite: bool = opt(False, "replace an existing corpus in `out` (only the files this verb writes are removed)")
+    workers: int = opt(0, "processes encoding videos in parallel; 0 = one per CPU core (the output is the same for any)")
 
     def __post_init__(self) -> None:
         if not self.out:
             raise ValueError("out is required: pass out=DIR, the directory to write the corpus into.")
         if self.num_videos < 1:
             raise ValueError(f"num_videos must be at least 1, got {self.num_videos}.")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = one per CPU core), got {self.workers}.")
         if not 2.0 <= self.min_duration <= self.max_duration:
             raise ValueError(
                 f"durations must satisfy 2 <= min_duration <= max_duration, got "
@@ -501,16 +505,36 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     (out / "videos").mkdir(parents=True, exist_ok=True)
 
 
+def _encode_one(job: tuple[dict[str, Any], str]) -> None:
+    encode_video(job[0], Path(job[1]))
+
+
 def generate(out_dir: str | Path, num_videos: int = 24, seed: int = 0, bad_videos: bool = True,
-             min_duration: float = 8.0, max_duration: float = 20.0, overwrite: bool = False) -> dict[str, Any]:
-    """Write the corpus into ``out_dir`` and return the meta dict (also saved as ``sample_meta.json``)."""
-    SampleDataConfig(out=str(out_dir), num_videos=num_videos, min_duration=min_duration, max_duration=max_duration)
+             min_duration: float = 8.0, max_duration: float = 20.0, overwrite: bool = False,
+             workers: int = 1) -> dict[str, Any]:
+    """Write the corpus into ``out_dir`` and return the meta dict (also saved as ``sample_meta.json``).
+
+    ``workers`` > 1 encodes videos in that many processes (0 = one per core). Every video is a pure
+    function of its own spec (seeded noise, single-threaded bit-exact encoders), so the files are the
+    same for any number of workers."""
+    SampleDataConfig(out=str(out_dir), num_videos=num_videos, min_duration=min_duration, max_duration=max_duration,
+                     workers=workers)
     out = Path(out_dir)
     _prepare_out(out, overwrite)
     p = plan(num_videos, seed, bad_videos, min_duration, max_duration)
     meta = p["meta"]
-    for spec in meta["videos"].values():
-        encode_video(spec, out / spec["file"])
+    jobs = [(spec, str(out / spec["file"])) for spec in meta["videos"].values()]
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # why spawn: the caller may hold threads (tests, Ray, torch) that a fork would copy mid-state
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_encode_one, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+    else:
+        for job in jobs:
+            _encode_one(job)
     if bad_videos:
         import numpy as np
 
@@ -539,7 +563,7 @@ def run(cfg: SampleDataConfig) -> int:
     t0 = time.perf_counter()
     try:
         meta = generate(cfg.out, cfg.num_videos, cfg.seed, cfg.bad_videos, cfg.min_duration, cfg.max_duration,
-                        cfg.overwrite)
+                        cfg.overwrite, cfg.workers)
     except FileExistsError as e:
         print(f"ptrain sample-data: {e}", file=sys.stderr)
         return 2
