@@ -168,3 +168,30 @@ def test_reverse_frames_keeps_padding_at_the_end():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     rev = reverse_frames(frames, mask)[:, :, 0, 0, 0]
     assert rev.tolist() == [[2, 1, 0, 3], [7, 6, 5, 4]]
+
+
+def test_single_process_eval_encodes_only_real_rows(tmp_path):
+    """Padding rows never reach the model in one process (they would change compat head-major scores)."""
+    import torch
+
+    from ptrain.data import DataConfig, build_eval_loader
+    from ptrain.evaluate import embed
+
+    write_shards(tmp_path, num_shards=1, samples_per_shard=5, frames=(2, 3), size=(32, 32))
+    loader = build_eval_loader(DataConfig(num_workers=0), num_frames=3, frame_size=32, max_words=8, batch_size=4,
+                               sources=[str(tmp_path)])
+
+    class Stub:
+        seen: list[int] = []
+
+        def encode_text(self, ids, mask):
+            return ids[:, :2].float()
+
+        def encode_video(self, frames, mask):
+            self.seen.append(len(frames))
+            return frames.float().mean(dim=(1, 2, 3, 4))[:, None].repeat(1, 2)
+
+    model = Stub()
+    emb = embed(model, loader)
+    assert model.seen == [4, 1]  # 5 samples in batches of 4: the second batch's 3 padding rows are skipped
+    assert len(emb["items"]) == 5 and emb["video"].shape == (5, 2)
