@@ -1,6 +1,6 @@
 """Loader throughput: our decode + transform path against a plain PIL pipeline, in the same run.
 
-    python benchmarks/bench_loader.py                 # ~1 min on 2 cores
+    python benchmarks/bench_loader.py                 # ~5 min on 2 cores
     python benchmarks/bench_loader.py --samples 200 --stored 224 256
 
 Writes shards of synthetic textured frames (moving gradients, shapes and sensor-like noise, so q=90
@@ -9,7 +9,11 @@ frames per CPU-second of one process with one thread (``time.process_time``; met
 interleaved rounds, best round kept, so other load on the machine hits every method alike) for:
 
 - ``PIL baseline``: ``PIL.Image.open`` + ``convert("RGB")`` + bicubic resize of the short side to S +
-  center crop + ``np.asarray``, frames stacked to uint8 [T,3,S,S] (what a plain torchvision-free loader does);
+  center crop + ``np.asarray``, frames stacked to uint8 [T,3,S,S] (what a plain torchvision-free loader does;
+  the ratio column is against this one);
+- ``CLIP4Clip-style``: the same, then what its torchvision transform adds on the CPU (``ToTensor`` +
+  ``Normalize``: float32 [T,3,S,S] normalised with CLIP's mean/std). Our loader hands uint8 frames over and
+  the model normalises them on the accelerator, so this row shows what moving that work off the CPU gains;
 - our path (``ptrain.data.pipeline.decode_sample``) with the PIL decoder, simplejpeg, and simplejpeg
   with fastdct/fastupsample (the default);
 - the whole train loader (tar reads + decode + crop + tokenize + batching), ``num_workers=0``.
@@ -89,6 +93,16 @@ def pil_baseline(jpgs: list[bytes], S: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack(out).transpose(0, 3, 1, 2))
 
 
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32).reshape(1, 3, 1, 1)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32).reshape(1, 3, 1, 1)
+
+
+def clip4clip_style(jpgs: list[bytes], S: int) -> np.ndarray:
+    """``pil_baseline`` + ToTensor/Normalize on the CPU, as CLIP4Clip's loader does (float32 [T,3,S,S])."""
+    x = pil_baseline(jpgs, S).astype(np.float32) / 255.0
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
 def best_rates(methods: dict, seconds: float, rounds: int = 5) -> dict[str, float]:
     """frames per CPU-second of each ``name -> step()`` (a step returns the frames it made), measured in
     interleaved rounds and keeping each method's best round, so load from other processes on the
@@ -148,6 +162,8 @@ def main() -> None:
             methods = {
                 "PIL baseline: open+convert+resize+crop+asarray": cycle(lambda it: len(pil_baseline(it["jpgs"], S)),
                                                                         items),
+                "CLIP4Clip-style: the baseline + ToTensor/Normalize to float32 on the CPU":
+                    cycle(lambda it: len(clip4clip_style(it["jpgs"], S)), items),
                 "ours, decoder=pil": ours("pil", False),
                 "ours, simplejpeg": ours("simplejpeg", False),
                 "ours, simplejpeg fastdct (default)": ours("simplejpeg", True),
