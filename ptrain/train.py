@@ -161,10 +161,12 @@ def _loop(cfg: PretrainConfig, engine, loader, log: RunLogger, start_step: int, 
         E.clamp_parameter_(engine, "logit_scale.log_scale", max_log_scale)
 
         # One small all-reduce per step: the mean loss for the log, a shared non-finite verdict, frames.
-        # A non-finite gradient norm counts too: under bf16/fp32 DeepSpeed does not skip such a step, so
-        # the weights are already poisoned and must never reach a checkpoint.
+        # A non-finite gradient norm counts too under bf16 (DeepSpeed applies such a step, so the weights
+        # are poisoned and must never reach a checkpoint) and fp32 (the computation itself overflowed);
+        # under fp16 it is the loss scaler's routine overflow: DeepSpeed skipped the step and lowers the scale.
         gnorm = E.grad_norm(engine)
-        bad = not math.isfinite(loss_sum) or (gnorm is not None and not math.isfinite(gnorm))
+        bad_grad = gnorm is not None and not math.isfinite(gnorm) and cfg.engine.precision != "fp16"
+        bad = not math.isfinite(loss_sum) or bad_grad
         vec = torch.tensor([loss_sum / accum, float(bad), frames], dtype=torch.float64, device=dev)
         dist.all_reduce(vec)
         loss, nonfinite = float(vec[0]) / world, int(vec[1])
