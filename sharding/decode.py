@@ -153,7 +153,7 @@ def _header_duration(path: Path) -> float:
             stream = container.streams.video[0]
             if stream.duration and stream.time_base:
                 return float(stream.duration * stream.time_base)
-            if container.duration:
+            if container.duration and not container.streams.audio:  # else it may be the audio's length
                 return container.duration / 1e6
     except Exception:  # noqa: BLE001 - only a cross-check for the decord path
         pass
@@ -246,7 +246,8 @@ def _extract_pyav(path: Path, clips, frames: _Frames, threads: int):
         width, height = ctx.width, ctx.height
         if stream.duration and tb:
             header_duration = float(stream.duration * tb)
-        elif container.duration:
+        elif container.duration and not container.streams.audio:
+            # the container's duration is its longest stream's: only the video's when there is no audio track
             header_duration = container.duration / 1e6
         else:
             header_duration = math.inf

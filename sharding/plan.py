@@ -219,13 +219,17 @@ def split_long_segments(segments: list[Segment], max_seconds: float) -> list[Seg
             out.append(seg)
             continue
         words = _words(seg.text)
-        pieces = math.ceil(duration / max_seconds - 1e-9)
-        for k in range(pieces):
-            part = words[round(k * len(words) / pieces): round((k + 1) * len(words) / pieces)]
-            if part:
-                out.append(Segment(seg.start + duration * k / pieces,
-                                   seg.end if k == pieces - 1 else seg.start + duration * (k + 1) / pieces,
-                                   " ".join(part)))
+        n, pieces = len(words), math.ceil(duration / max_seconds - 1e-9)
+        # word w goes to piece k when b_k <= w < b_(k+1), b_k = round_half_up(k * n / pieces); computed per word
+        # (a bogus timestamp can ask for millions of pieces, almost all of them empty)
+        by_piece: dict[int, list[str]] = {}
+        for w, word in enumerate(words):
+            k = min(((w + 1) * pieces - pieces // 2 - 1) // n, pieces - 1) if n else 0
+            by_piece.setdefault(k, []).append(word)
+        for k, part in by_piece.items():
+            out.append(Segment(seg.start + duration * k / pieces,
+                               seg.end if k == pieces - 1 else seg.start + duration * (k + 1) / pieces,
+                               " ".join(part)))
     return out
 
 

@@ -195,3 +195,12 @@ def test_assign_shards_spreads_videos_and_is_deterministic():
     again = assign_shards({k: plan_video(k, [seg(j * 2, j * 2 + 2, f"a b c{j}") for j in range(6)], cfg)
                            for k in reversed(list(per_video))}, 4, 2)
     assert [(c.key, c.shard) for t in again for c in t.clips] == [(c.key, c.shard) for c in clips]
+
+
+def test_a_bogus_long_segment_is_split_per_word_not_per_piece():
+    from sharding.plan import Segment, split_long_segments
+
+    # an epoch timestamp as an end time asks for ~1e8 pieces of 20 s: only the 3 that hold a word exist
+    parts = split_long_segments([Segment(0.0, 1.7e9, "a b c")], 20.0)
+    assert [p.text for p in parts] == ["a", "b", "c"]
+    assert all(p.end - p.start <= 20.0 + 1e-6 and 0 <= p.start < p.end <= 1.7e9 for p in parts)
