@@ -228,6 +228,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str], 
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
+    failed_section = False
     for key, leaf in values.items():
         path = prefix + key
         if key not in fields:
@@ -240,6 +241,12 @@ def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str], 
         if dataclasses.is_dataclass(tp):
             if isinstance(leaf, dict):
                 kwargs[key] = _build(tp, leaf, path + ".", problems, all_paths)
+                if kwargs[key] is None:  # the section's problems are recorded; this level's own checks still
+                    failed_section = True  # run, on the section's defaults, and the level is reported as failed
+                    try:
+                        kwargs[key] = tp()
+                    except (ValueError, TypeError):
+                        del kwargs[key]
             elif isinstance(leaf, tuple) and leaf[0] is None:
                 continue  # `section:` with no body in YAML
             else:
@@ -263,10 +270,12 @@ def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str], 
                 if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING]
     for name in required:
         problems.append(f"{prefix}{name}: required, set it in the YAML file or as {prefix}{name}=VALUE")
-    if required:
+    if required or (failed_section and any(dataclasses.is_dataclass(hints[k]) and k not in kwargs for k in values
+                                           if k in fields)):
         return None
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
+        return None if failed_section else built
     except (ValueError, TypeError) as e:  # __post_init__'s sentences, each placed at the key it names
         sentences = e.problems if isinstance(e, InvalidValues) else [str(e)]
         problems.extend(_locate(sentence, cls, values, prefix) for sentence in sentences)

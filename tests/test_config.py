@@ -177,3 +177,11 @@ def test_string_values_keep_their_text(tmp_path):
     f.write_text("name: 0123\n")
     with pytest.raises(ConfigError, match=r"name: expected a string, got int 83; quote it in YAML"):
         load_config(RootConfig, f)
+
+
+def test_a_bad_section_value_is_one_error_not_a_crash_of_the_parent():
+    from ptrain.schema import PretrainConfig
+
+    with pytest.raises(ConfigError) as ei:
+        load_config(PretrainConfig, None, ["run_dir=/tmp/x", "eval.every_steps=5", "eval.batch_size=0"])
+    assert any(line.startswith("eval") and "batch_size" in line for line in ei.value.problems), ei.value.problems
