@@ -95,7 +95,9 @@ for h in heads:
           f"{p.get('direction_acc', nan):15.1f}% {p.get('order_acc', nan):11.1f}% {p.get('reversal_acc', nan):11.1f}%")
 print("direction 4-way: chance 25%. vs opposite: true direction caption vs the opposite one, chance 50%.")
 print("vs reversed: true caption scored on the clip vs the same clip played backwards; meanP is exactly 50%.")
-# each temporal head against meanP: the difference with its 95% interval (two independent proportions)
+# each temporal head against meanP: the difference with a 95% interval from the independent-proportions
+# approximation (both heads score the same clips, and meanP's reversal score is exactly 50% by
+# construction, so this interval is wider than a paired test's: conservative)
 base = json.loads((demo / "eval_meanP.json").read_text()).get("probe", {}) if "meanP" in heads else {}
 for h in (h for h in heads if h != "meanP" and base.get("probe_clips")):
     p = json.loads((demo / f"eval_{h}.json").read_text())["probe"]

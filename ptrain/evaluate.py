@@ -78,9 +78,10 @@ def embed(model, loader, max_samples: int = 0, reversed_too: bool = False) -> di
     B = None
     for j, batch in enumerate(loader):
         B = len(batch["keys"])
-        # One process: encode the real rows only. Padding rows are there to line up the collectives of
-        # several ranks; in a batch they would change compat (head-major) scores of the real clips.
-        rows = batch["valid"].bool() if world == 1 else torch.ones(B, dtype=torch.bool)
+        # Encode the real rows only: padding rows (which keep the ranks' batch counts equal) would change
+        # compat (head-major) scores of the real clips. Every rank still runs one forward per batch (ZeRO-3
+        # gathers line up) and the features are put back at their rows (the all-gathers line up).
+        rows = batch["valid"].bool()
         if not rows.any():  # nothing readable in this batch: encode it whole, its rows are dropped below
             rows = torch.ones(B, dtype=torch.bool)
         texts_f.append(_rows_of(model.encode_text(batch["input_ids"][rows], batch["attention_mask"][rows]), rows))

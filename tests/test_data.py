@@ -380,3 +380,14 @@ def test_two_weighted_sources_resampled_end_to_end(tmp_path):
     assert loader.epoch_size == 40 and loader.epoch_at(10) == 1.0
     keys = [k for batch in _take(loader, 10) for k in batch["keys"]]
     assert set(keys) <= set(a) | set(b) and any(k in b for k in keys) and sum(k in a for k in keys) > len(keys) / 2
+
+
+def test_rows_without_a_video_id_are_their_own_groups():
+    from ptrain.data.pipeline import ClipSpec, _Batch, group_id
+
+    batch = _Batch(3, ClipSpec(**SIZES))
+    for b, (key, vid) in enumerate([("a_0000", ""), ("b_0000", ""), ("c_0001", "c")]):
+        batch.fill(b, key, 1, "a caption", {"video_id": vid}, -1)  # index -1: a streamed sample
+    groups = batch.finish()["group_ids"].tolist()
+    assert groups[2] == group_id("c") >= 0
+    assert groups[0] < 0 and groups[1] < 0 and groups[0] != groups[1]  # never positives of each other

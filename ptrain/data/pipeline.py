@@ -133,9 +133,9 @@ class _Batch:
             "frame_mask": torch.from_numpy(self.frame_mask_BT),
             "input_ids": torch.from_numpy(np.asarray(ids_BL, dtype=np.int64)),
             "attention_mask": torch.from_numpy(np.asarray(mask_BL, dtype=np.int64)),
-            # a row without a video id is its own group (unique negative ids), never a positive of another
-            "group_ids": torch.tensor([group_id(v) if v else -2 - int(i) for v, i in zip(self.video_ids, self.index_B)],
-                                      dtype=torch.int64),
+            # a row without a video id is its own group (a negative id from its key), never a positive of another
+            "group_ids": torch.tensor([group_id(v) if v else -1 - group_id("key:" + k)
+                                       for v, k in zip(self.video_ids, self.keys)], dtype=torch.int64),
             "keys": list(self.keys),
             "video_ids": list(self.video_ids),
             "texts": list(self.texts),

@@ -63,7 +63,7 @@ class ModelConfig:
         "teaches a temporal head the order of events; only for captions that describe ordered events",
     )
     logit_scale_init: float = opt(0.0, "initial logit scale (the multiplier, not its log); 0 = from the checkpoint, or 1/0.07 at random init")
-    max_logit_scale: float = opt(100.0, "the logit scale is clamped to at most this inside forward")
+    max_logit_scale: float = opt(100.0, "the logit scale is clamped to at most this, inside forward and after each training step")
     grad_checkpointing: bool = opt(False, "recompute CLIP encoder layers in backward to save activation memory")
     tokenizer: str = opt("", "tokenizer vocabulary: '' = the CLIP BPE file shipped in ptrain/model/, or a HF tokenizer dir")
 

@@ -52,9 +52,11 @@ class LogitScale(nn.Module):
     ``forward()`` returns ``exp(min(log_scale, ln max_scale))``. The clamp alone is not enough in
     training: above the bound its gradient is exactly zero, so a parameter that an optimizer step
     pushed past ln ``max_scale`` gets no gradient through the loss and cannot come back (Adam's
-    momentum and weight decay may even move it further). The trainer therefore also calls
-    ``clamp_()`` after every optimizer step, which is what CLIP4Clip does; the two together bound
-    the parameter itself, and the clamp in forward keeps every use of the scale within the bound."""
+    momentum and weight decay may even move it further). The trainer therefore also clamps it after
+    every optimizer step, as CLIP4Clip does, in DeepSpeed's fp32 master copy
+    (``ptrain.engine.clamp_parameter_``); a plain PyTorch loop calls ``clamp_()`` after its step.
+    The two together bound the parameter itself, and the clamp in forward keeps every use of the
+    scale within the bound."""
 
     def __init__(self, init_scale: float, max_scale: float = 100.0):
         super().__init__()
@@ -66,8 +68,9 @@ class LogitScale(nn.Module):
 
     @torch.no_grad()
     def clamp_(self) -> "LogitScale":
-        """Clamp the parameter's data to at most ln ``max_scale`` in place (call after each optimizer
-        step). Under ZeRO-3 the parameter is partitioned: gather it first (``GatheredParameters``)."""
+        """Clamp the parameter's data to at most ln ``max_scale`` in place (call after each step of a
+        plain PyTorch optimizer; under DeepSpeed the master copy lives in the optimizer: use
+        ``ptrain.engine.clamp_parameter_``)."""
         self.log_scale.data.clamp_(max=self.max_log)
         return self
 
