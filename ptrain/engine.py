@@ -222,13 +222,13 @@ def apply_group_hparams(engine, model: nn.Module, cfg: OptimConfig) -> None:
             group["base_lr"], group["weight_decay"] = ref["base_lr"], ref["weight_decay"]
 
 
-def clamp_parameter_(engine, name: str, max_value: float) -> bool:
-    """Clamp parameter ``name`` to ``max_value`` in the optimizer's fp32 master (and the module copy).
+def clamp_parameter_(p: torch.Tensor, max_value: float) -> bool:
+    """Clamp parameter ``p`` (of the engine's module) to ``max_value`` in the optimizer's fp32 master (and the
+    module copy).
 
     A collective under ZeRO (every rank must call it). Used after each step for the log-temperature, as
     CLIP4Clip clamps it: a clamp inside the forward alone has zero gradient above the bound, so once an
     update crossed it the temperature could never come back down. Returns whether it clamped."""
-    p = dict(engine.module.named_parameters())[name]
     if not p.requires_grad:  # frozen (e.g. a tight head's unused temperature): nothing updates it
         return False
     if _zero_managed(p):

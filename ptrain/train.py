@@ -75,11 +75,6 @@ def run(cfg: PretrainConfig) -> int:
         E.apply_group_hparams(engine, model, cfg.optim)  # this config's lr / coef_lr / weight decay
         start_step, samples_seen = int(state["step"]), int(state["samples_seen"])
         log.info(f"resumed from {resume_from} at step {start_step} ({samples_seen} samples seen) via {how}")
-        saved_batch = int(state.get("data", {}).get("global_batch", 0))
-        new_batch = cfg.engine.micro_batch_size * world * cfg.engine.grad_accum
-        if saved_batch and saved_batch != new_batch:
-            log.info(f"the global batch changed from {saved_batch} to {new_batch}: the data goes on from sample "
-                     f"{samples_seen} (none read twice or skipped); the LR schedule goes on by step")
     if start_step >= cfg.max_steps:
         log.info(f"nothing to do: the run is at step {start_step} of max_steps={cfg.max_steps}")
         log.close()
@@ -96,6 +91,10 @@ def run(cfg: PretrainConfig) -> int:
         return 2
     log.info(f"data: {loader.num_shards} shards, epoch of {loader.epoch_size} samples, global batch "
              f"{loader.global_batch_size}, starting at step {start_step}")
+    saved_batch = int(state["data"]["global_batch"]) if resume_from is not None else loader.global_batch_size
+    if saved_batch != loader.global_batch_size:
+        log.info(f"the global batch changed from {saved_batch} to {loader.global_batch_size}: the data goes on from "
+                 f"sample {samples_seen} (none read twice or skipped); the LR schedule goes on by step")
     log.step_done(start_step)
     log.forget_after(start_step)  # rows a crashed attempt logged after its last checkpoint
     try:
@@ -125,6 +124,7 @@ def _loop(cfg: PretrainConfig, engine, loader, log: RunLogger, start_step: int, 
     window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0, "frames": 0.0}
     reported_skips = 0
     max_log_scale = math.log(cfg.model.max_logit_scale)
+    log_scale = engine.module.logit_scale.log_scale
     for step in range(start_step, cfg.max_steps):
         lr_mult = E.lr_multiplier(step, cfg.optim, cfg.max_steps)
         lrs = E.set_lr(engine, lr_mult)
@@ -158,7 +158,7 @@ def _loop(cfg: PretrainConfig, engine, loader, log: RunLogger, start_step: int, 
                     stats[k] = stats.get(k, 0.0) + float(v) / accum
 
         # The temperature's master weight is clamped after the update, as CLIP4Clip does (a collective).
-        E.clamp_parameter_(engine, "logit_scale.log_scale", max_log_scale)
+        E.clamp_parameter_(log_scale, max_log_scale)
 
         # One small all-reduce per step: the mean loss for the log, a shared non-finite verdict, frames.
         # A non-finite gradient norm counts too under bf16 (DeepSpeed applies such a step, so the weights
@@ -205,7 +205,7 @@ def _loop(cfg: PretrainConfig, engine, loader, log: RunLogger, start_step: int, 
         if (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or done == cfg.max_steps:
             state = {"step": done, "samples_seen": samples_seen, "world_size": world, "seed": cfg.seed,
                      "zero_stage": cfg.engine.zero_stage, "precision": cfg.engine.precision,
-                     "data": {"start_step": done, "start_sample": samples_seen, "global_batch": global_batch}}
+                     "data": {"start_step": done, "global_batch": global_batch}}
             path = ckpt.save(engine, cfg.model, cfg.run_dir, state, cfg.checkpoint)
             log.info(f"checkpoint {path}")
             window["t"] = time.perf_counter()  # saving is not training time
