@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from ptrain.data.config import DataConfig
 from ptrain.metrics import chunked_similarity, retrieval_metrics
+from ptrain.model.video_text import reverse_clips
 from ptrain.schema import EvalConfig, EvalDuringTrainConfig
 
 DIRECTION_PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
@@ -52,14 +53,6 @@ def _gather_objects(items: list) -> list[list]:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, items)
     return out
-
-
-@torch.no_grad()
-def reverse_frames(frames_BTCHW: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Each clip's real frames in reverse order (padding stays at the end)."""
-    from ptrain.model.video_text import reverse_clips
-
-    return reverse_clips(frames_BTCHW, mask_BT)
 
 
 def _rows_of(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -87,7 +80,7 @@ def embed(model, loader, max_samples: int = 0, reversed_too: bool = False) -> di
         texts_f.append(_rows_of(model.encode_text(batch["input_ids"][rows], batch["attention_mask"][rows]), rows))
         videos_f.append(_rows_of(model.encode_video(batch["frames"][rows], batch["frame_mask"][rows]), rows))
         if reversed_too:
-            rev = reverse_frames(batch["frames"][rows], batch["frame_mask"][rows])
+            rev = reverse_clips(batch["frames"][rows], batch["frame_mask"][rows])
             rev_f.append(_rows_of(model.encode_video(rev, batch["frame_mask"][rows]), rows))
         valid.append(batch["valid"].bool())
         g = j * world + rank  # EvalStream: rank r holds global batches r, r + world, ...

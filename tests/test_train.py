@@ -162,7 +162,7 @@ def test_non_finite_loss_stops_with_a_message(tmp_path):
 def test_reverse_frames_keeps_padding_at_the_end():
     import torch
 
-    from ptrain.evaluate import reverse_frames
+    from ptrain.model.video_text import reverse_clips as reverse_frames
 
     frames = torch.arange(2 * 4).reshape(2, 4, 1, 1, 1).expand(2, 4, 3, 2, 2).clone()
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
