@@ -240,10 +240,11 @@ def run(cfg: ConvertConfig) -> int:
         model = VideoTextModel(mcfg, clip, scale).eval()
     else:
         try:
+            src = checkpoint_file(cfg.src)
             model = import_reference(
-                read_checkpoint(cfg.src), cfg.format, source=str(checkpoint_file(cfg.src)), head=cfg.head,
-                num_frames=cfg.num_frames, max_words=cfg.max_words, tab_motion=cfg.tab_motion,
-                tab_weight=cfg.tab_weight, compat=cfg.compat, clip_name=str(cfg.src),
+                read_checkpoint(str(src)), cfg.format, source=str(src), head=cfg.head, num_frames=cfg.num_frames,
+                max_words=cfg.max_words, tab_motion=cfg.tab_motion, tab_weight=cfg.tab_weight, compat=cfg.compat,
+                clip_name=str(cfg.src),
             )
         except ValueError as e:  # a checkpoint that does not fit: say so without a traceback
             raise SystemExit(f"ptrain convert: {e}") from None
