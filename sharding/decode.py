@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sharding.plan import select_frames, take_next_frame
 
 
 class ExtractError(Exception):
@@ -294,8 +295,7 @@ def _extract_pyav(path: Path, clips, frames: _Frames, threads: int):
                     # every target before this frame shows the previous frame (or this one, if none came before);
                     # when the previous one was shown before the target's clip starts, this one, if it is inside
                     while i < len(targets) and targets[i][0] < pts - 1e-6:
-                        start, end = clips[targets[i][1]][:2]
-                        if prev is not None and (prev[1] >= start - 1e-6 or pts > end + 1e-6):
+                        if prev is not None and not take_next_frame(prev[1], pts, *clips[targets[i][1]][:2]):
                             frames.take(targets[i], prev[0], prev[1], rgb(prev[2]))
                         else:
                             frames.take(targets[i], serial, pts, rgb(frame))
@@ -335,8 +335,6 @@ def _extract_decord(path: Path, clips, frames: _Frames, threads: int):
     import decord
     import numpy as np
     from PIL import Image
-
-    from sharding.plan import select_frames
 
     try:
         vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)

@@ -329,6 +329,13 @@ def clip_frame_times(
     return [times[i] for i in idx]
 
 
+def take_next_frame(shown_pts: float, next_pts: float | None, start: float, end: float) -> bool:
+    """The rule that keeps frames inside their clip: the frame on screen at a target was shown at ``shown_pts``;
+    take the next frame (at ``next_pts``, None when there is none) instead when the shown one predates the clip's
+    ``start`` and the next one still lies inside the clip. Both decoders apply it."""
+    return shown_pts < start - 1e-6 and next_pts is not None and next_pts <= end + 1e-6
+
+
 def select_frames(targets: list[float], frame_pts: list[float],
                   bounds: list[tuple[float, float]] | None = None) -> list[int]:
     """For each target time, the index of the frame on screen at that time: the last frame with pts <= t
@@ -343,10 +350,9 @@ def select_frames(targets: list[float], frame_pts: list[float],
     out = []
     for k, t in enumerate(targets):
         j = max(0, bisect.bisect_right(frame_pts, t + 1e-6) - 1)
-        if bounds is not None:
-            start, end = bounds[k]
-            if frame_pts[j] < start - 1e-6 and j + 1 < len(frame_pts) and frame_pts[j + 1] <= end + 1e-6:
-                j += 1
+        if bounds is not None and take_next_frame(frame_pts[j], frame_pts[j + 1] if j + 1 < len(frame_pts) else None,
+                                                  *bounds[k]):
+            j += 1
         out.append(j)
     return out
 
