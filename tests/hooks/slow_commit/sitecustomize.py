@@ -8,7 +8,10 @@ that long after each committed shard (tar + sidecar) and appends ``<pid> <shard>
 ran inside the Ray workers.
 """
 
+import importlib.machinery
+import importlib.util
 import os
+import sys
 
 _delay = os.environ.get("PTRAIN_TEST_COMMIT_DELAY_S")
 if _delay:
@@ -33,17 +36,8 @@ if _delay:
     _write.write_shard = _slow_write_shard
 
 # keep any sitecustomize this one shadows (a distribution's, a coverage hook)
-def _chain() -> None:
-    import importlib.util
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.machinery.PathFinder.find_spec(
-        "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != here])
-    if spec is not None and spec.loader is not None:
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
-
-
-import importlib.machinery  # noqa: E402
-
-_chain()
+_here = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.machinery.PathFinder.find_spec(
+    "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != _here])
+if _spec is not None and _spec.loader is not None:
+    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
