@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# launch/demo.sh [DEMO_DIR]: install (launch/setup.sh), then the whole pipeline on one CPU machine in about 6 minutes (2 CPU cores).
+# launch/demo.sh [DEMO_DIR]: install (launch/setup.sh), then the whole pipeline on one CPU machine in 6-7 minutes (2 CPU cores).
 #
 #   1. ptrain sample-data      a HowTo100M-style corpus of moving-shape videos with ASR captions
 #   2. ptrain shard (x2)       train / held-out video lists -> WebDataset shards (local Ray)
