@@ -29,6 +29,10 @@ from ptrain.logging import RunLogger
 from ptrain.schema import PretrainConfig
 
 EXIT_NONFINITE, EXIT_OOM, EXIT_LOST_RANK, EXIT_ERROR = 3, 4, 5, 1
+# A rank that lost its peers waits this long before exiting. The deepspeed launcher polls its ranks once a
+# second and reports the first failed exit it sees; the wait lets it see the dead rank's own status (a
+# signal, e.g. SIGKILL from the OOM killer) rather than this rank's "lost peers", which is only the echo.
+LOST_PEER_EXIT_DELAY_S = 3.0
 
 
 class TrainingFailed(RuntimeError):
@@ -110,6 +114,8 @@ def run(cfg: PretrainConfig) -> int:
         where = f"resume from {latest} by re-running the same command" if latest else "no complete checkpoint yet: a re-run starts over"
         print(f"ptrain pretrain: rank {rank}: {e}\n  {where} (checkpoint.resume=auto).", file=sys.stderr, flush=True)
         log.close()
+        if e.code == EXIT_LOST_RANK:
+            time.sleep(LOST_PEER_EXIT_DELAY_S)
         return e.code
     log.close()
     return 0
