@@ -339,10 +339,12 @@ def _extract_decord(path: Path, clips, frames: _Frames, threads: int):
     try:
         vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
     except Exception as e:  # noqa: BLE001
-        raise ExtractError("corrupt", f"{path}: decord could not open it: {e}") from None
+        # decode_error, not corrupt: decord gives up on files FFmpeg partly reads (a half-cut faststart mp4),
+        # so PyAV gets its turn and classifies what it cannot read
+        raise ExtractError("decode_error", f"{path}: decord could not open it: {e}") from None
     n = len(vr)
     if n == 0:
-        raise ExtractError("corrupt", f"{path}: no frames")
+        raise ExtractError("decode_error", f"{path}: decord sees no frames")
     ts = vr.get_frame_timestamp(np.arange(n))[:, 0].astype(float).tolist()
     fps = float(vr.get_avg_fps())
     duration = ts[-1] + (1.0 / fps if fps else 0.0)
@@ -385,7 +387,7 @@ def extract_clips(
     path = Path(path)
     _check_file(path)
     order = ["pyav", "decord"] if decoder == "pyav" else ["decord", "pyav"]
-    first_error = None
+    info, errors = None, {}
     for name in order:
         frames = _Frames(clips, frame_size, center_crop, jpeg_quality)
         try:
@@ -393,14 +395,14 @@ def extract_clips(
             info = fn(path, clips, frames, threads)
             break
         except ExtractError as e:
-            if first_error is None:
-                first_error = e
+            errors[name] = e
             if e.cls not in ("unsupported", "decode_error"):
-                raise first_error  # a missing, empty, corrupt or truncated file: another decoder will not do better
+                break  # a missing, empty, corrupt or truncated file: another decoder will not do better
         except ImportError:
             continue
-    else:
-        raise first_error or ExtractError("decode_error", f"{path}: no decoder could read it")
+    if info is None:
+        # PyAV's verdict names the problem (it checks the container); decord only says it could not open it
+        raise errors.get("pyav") or errors.get("decord") or ExtractError("decode_error", f"{path}: no decoder could read it")
     clip_errs = _clip_errors(clips, info, end_tolerance)
     per_clip: list = []
     for ci, serials in enumerate(frames.results):

@@ -56,17 +56,18 @@ def test_decord_and_pyav_pick_the_same_frames(sample_corpus):
     assert [t for c in a for t, _ in c] == pytest.approx([t for c in b for t, _ in c], abs=1e-3)
 
 
-def test_whole_video_failures_are_classified(sample_corpus, tmp_path):
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+def test_whole_video_failures_are_classified(sample_corpus, tmp_path, decoder):
     videos = sample_corpus / "videos"
     expected = {"bad_corrupt": "corrupt", "bad_truncated": "truncated", "bad_empty": "empty",
                 "bad_audio": "no_video_stream"}
     for vid, cls in expected.items():
         path = next(videos.glob(f"{vid}.*"))
         with pytest.raises(ExtractError) as ei:
-            extract_clips(path, [(0, 1, [0.5])], frame_size=32)
-        assert ei.value.cls == cls and str(path) in ei.value.message
+            extract_clips(path, [(0, 1, [0.5])], frame_size=32, decoder=decoder)
+        assert ei.value.cls == cls and str(path) in ei.value.message, (decoder, ei.value)
     with pytest.raises(ExtractError) as ei:
-        extract_clips(tmp_path / "nope.mp4", [(0, 1, [0.5])], frame_size=32)
+        extract_clips(tmp_path / "nope.mp4", [(0, 1, [0.5])], frame_size=32, decoder=decoder)
     assert ei.value.cls == "missing"
 
 
@@ -117,8 +118,9 @@ def cut_video(path, codec, options, seconds=4, fps=25, keep=0.5):
 
 
 @pytest.mark.parametrize("name,codec,options,decoders", [
-    ("faststart.mp4", "libx264", {"movflags": "+faststart"}, ["pyav"]),  # moov first: the header survives the cut
-    ("cut.mkv", "mpeg4", {}, ["pyav", "decord"]),  # FFmpeg reads it to the cut without an error
+    # moov first: the header survives the cut; decord cannot open it, so decoder=decord falls back to PyAV
+    ("faststart.mp4", "libx264", {"movflags": "+faststart"}, {"pyav": "pyav", "decord": "pyav"}),
+    ("cut.mkv", "mpeg4", {}, {"pyav": "pyav", "decord": "decord"}),  # FFmpeg reads it to the cut without an error
 ])
 def test_half_cut_file_keeps_its_readable_clips_and_fails_the_rest_as_truncated(tmp_path, name, codec, options,
                                                                                  decoders):
@@ -126,10 +128,10 @@ def test_half_cut_file_keeps_its_readable_clips_and_fails_the_rest_as_truncated(
     dense = [(0.0, 1.0, [0.1, 0.3, 0.5, 0.7, 0.9]), (1.0, 1.5, [1.1, 1.3]), (1.5, 2.5, [1.7, 1.9, 2.1, 2.3]),
              (2.5, 3.2, [2.6, 3.0]), (3.2, 3.9, [3.3, 3.8])]
     sparse = [(0.0, 1.0, [0.5]), (2.5, 3.5, [3.0]), (3.0, 3.9, [3.5])]  # seeks to keyframes past the cut
-    for decoder in decoders:
+    for decoder, used in decoders.items():
         for clips, readable in ((dense, 2), (sparse, 1)):
             info, per_clip = extract_clips(path, clips, frame_size=32, decoder=decoder)
-            assert info.truncated and info.duration < 2.0 < info.header_duration, (decoder, info)
+            assert info.decoder == used and info.truncated and info.duration < 2.0 < info.header_duration, (decoder, info)
             for (start, end, targets), result in zip(clips[:readable], per_clip[:readable]):
                 assert isinstance(result, list), (decoder, start, result)
                 for (t, _jpg), target in zip(result, targets):
