@@ -7,6 +7,7 @@ Each verb names its root config dataclass and its ``run(cfg)`` function as impor
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from ptrain.config import ConfigError, config_help, load_config
@@ -54,10 +55,19 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _print_help(text: str) -> None:
+    """Print to stdout; a reader that closed the pipe early (``ptrain shard --help | head``) is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # what Python's docs advise: point stdout at devnull so the interpreter's final flush cannot fail too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
+        _print_help(usage())
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
@@ -70,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg_ref, run_ref, summary = VERBS[verb]
     cfg_cls = _resolve(cfg_ref)
     if any(a in ("-h", "--help") for a in rest):
-        print(f"ptrain {verb} [CONFIG.yaml] [dotted.key=value ...]\n\n{summary}\n\nkeys:")
-        print("\n".join(config_help(cfg_cls)))
+        _print_help("\n".join([f"ptrain {verb} [CONFIG.yaml] [dotted.key=value ...]", "", summary, "", "keys:",
+                                *config_help(cfg_cls)]))
         return 0
     stray = [a for a in rest if a.startswith("--")]
     if stray:

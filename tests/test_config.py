@@ -169,6 +169,22 @@ def test_cli_verbs_and_help(capsys):
     assert "fsp: unknown key (from command line); did you mean fps?" in capsys.readouterr().err
 
 
+def test_help_into_a_closed_pipe_is_not_a_traceback():
+    import os
+    import subprocess
+    import sys
+
+    for argv in (["shard", "--help"], ["--help"]):
+        r, w = os.pipe()
+        os.close(r)  # the reader is gone before the first byte, as with `ptrain shard --help | head -0`
+        try:
+            proc = subprocess.run([sys.executable, "-m", "ptrain", *argv], stdout=w, stderr=subprocess.PIPE,
+                                  text=True, timeout=60)
+        finally:
+            os.close(w)
+        assert proc.returncode == 0 and proc.stderr == "", (argv, proc.stderr)
+
+
 def test_string_values_keep_their_text(tmp_path):
     cfg = load_config(RootConfig, None, ["name=0123", "path=1_000"])
     assert cfg.name == "0123" and cfg.path == "1_000"
