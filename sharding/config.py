@@ -63,10 +63,13 @@ class RayConfig:
     cpus_per_task: float = opt(1.0, "CPUs reserved by each decode and write task")
 
     def __post_init__(self):
+        problems = []
         if self.cpus_per_task <= 0:
-            raise InvalidValues([f"cpus_per_task must be positive, got {self.cpus_per_task}"])
+            problems.append(f"cpus_per_task must be positive, got {self.cpus_per_task}")
         if self.num_cpus is not None and self.num_cpus < 1:
-            raise InvalidValues([f"num_cpus must be at least 1 (or unset: all cores), got {self.num_cpus}"])
+            problems.append(f"num_cpus must be at least 1 (or unset: all cores), got {self.num_cpus}")
+        if problems:
+            raise InvalidValues(problems)
 
 
 @dataclass

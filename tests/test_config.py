@@ -142,10 +142,11 @@ def test_shard_config_validation(tmp_path):
     f = tmp_path / "shard.yaml"
     f.write_text("max_seconds: 10\nray:\n  cpus_per_task: 0\n")
     with pytest.raises(ConfigError) as ei:
-        load_config(ShardConfig, f, ["num_frames=0", "min_seconds=30", "name=a/b"])
+        load_config(ShardConfig, f, ["num_frames=0", "min_seconds=30", "name=a/b", "ray.num_cpus=0"])
     # __post_init__'s problems are lines of the one error, each at its dotted key with the value's source
     assert ei.value.problems == [
         f"ray.cpus_per_task must be positive, got 0.0 (from {f})",
+        "ray.num_cpus must be at least 1 (or unset: all cores), got 0 (from command line)",
         "num_frames must be at least 1, got 0 (from command line)",
         "min_seconds (30.0) is larger than max_seconds (10.0); lower min_seconds or raise max_seconds "
         f"(min_seconds from command line, max_seconds from {f})",
