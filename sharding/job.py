@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import platform
+import socket
 import sys
 import time
 from collections import Counter, defaultdict
@@ -152,6 +153,20 @@ class RayStartError(RuntimeError):
     """Ray could not be joined or started; the message names the address and the fix."""
 
 
+def _unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why nothing answers at a ``host:port`` or ``ray://host:port`` address, or None (also for 'auto' and
+    for forms Ray resolves itself). Ray alone retries a dead address for minutes before giving up."""
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"nothing answers at {host}:{port} ({e.strerror or e})"
+
+
 def _start_ray(cfg):
     import ray
 
@@ -160,6 +175,9 @@ def _start_ray(cfg):
         kwargs = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
         try:
             if cfg.ray.address:
+                why_not = _unreachable(cfg.ray.address)
+                if why_not:
+                    raise ConnectionError(why_not)
                 ray.init(address=cfg.ray.address, **kwargs)
             else:
                 ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import socket
 import warnings
 
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from net import free_port
 from ptrain.loss import contrastive_loss, multi_positive_nce, pairwise_loss
 
 
@@ -152,15 +152,9 @@ def _worker(rank, world, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(target, tmp_path):
     ctx = mp.get_context("spawn")
-    port, out_path = _free_port(), tmp_path / "rank0.pt"
+    port, out_path = free_port(), tmp_path / "rank0.pt"
     procs = [ctx.Process(target=target, args=(r, 2, port, str(out_path))) for r in range(2)]
     for p in procs:
         p.start()

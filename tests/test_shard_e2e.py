@@ -16,6 +16,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from net import free_port
 from ptrain.config import load_config
 from sharding.config import ShardConfig
 from sharding.job import run as shard_run
@@ -213,20 +214,41 @@ def test_malformed_captions_fail_fast(tmp_path, capsys):
     assert "give the same sample key" in capsys.readouterr().err
 
 
-def test_joining_a_cluster_that_is_not_there_is_a_clear_error(tmp_path):
+def _shard_joining(tmp_path, address: str) -> subprocess.CompletedProcess:
     (tmp_path / "videos").mkdir()
     (tmp_path / "videos" / "abc.mp4").write_bytes(b"not decoded: ray.init fails first")
     (tmp_path / "caption.json").write_text(json.dumps({"abc": {"start": [0], "end": [6], "text": ["one two three"]}}))
-    # a Ray temp dir of our own: `auto` finds no running cluster there, whatever else runs on this machine
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path / "ray")}
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "ptrain", "shard", f"videos={tmp_path / 'videos'}",
-         f"captions={tmp_path / 'caption.json'}", f"out={tmp_path / 'out'}", "ray.address=auto", "progress=false"],
-        capture_output=True, text=True, timeout=120, env=env)
+         f"captions={tmp_path / 'caption.json'}", f"out={tmp_path / 'out'}", f"ray.address={address}",
+         "progress=false"], capture_output=True, text=True, timeout=120, env=env)
+
+
+def _assert_clear_join_error(result: subprocess.CompletedProcess, address: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    assert "ptrain shard: cannot join the Ray cluster at ray.address='auto'" in result.stderr
+    assert f"ptrain shard: cannot join the Ray cluster at ray.address={address!r}" in result.stderr, result.stderr
     assert "ray start --head" in result.stderr and "leave ray.address unset" in result.stderr
+
+
+def test_joining_an_address_where_nothing_answers_fails_at_once(tmp_path):
+    address = f"127.0.0.1:{free_port()}"  # Ray alone would retry it for minutes
+    started = time.monotonic()
+    result = _shard_joining(tmp_path, address)
+    _assert_clear_join_error(result, address)
+    assert f"nothing answers at {address}" in result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_joining_auto_with_no_cluster_running_is_a_clear_error(tmp_path):
+    from ray._private.services import find_gcs_addresses
+
+    # Ray's 'auto' joins any cluster it finds running on this machine (it scans the processes), whatever the
+    # temp dir: the premise of this test holds only where none runs (CI)
+    if find_gcs_addresses():
+        pytest.skip("another Ray cluster runs on this machine, and ray.address=auto would join it")
+    _assert_clear_join_error(_shard_joining(tmp_path, "auto"), "auto")
 
 
 def test_readme_states_the_shard_benchmarks_defaults():

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from net import free_port
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch" / "pretrain.sh"
 STEPS = 60
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra):
@@ -40,7 +35,7 @@ def _env(**extra):
 
 
 def _launch(config: Path, *overrides, flags=(), env=None, timeout=300) -> subprocess.CompletedProcess:
-    cmd = [str(LAUNCH), "--master-port", str(_port()), *flags, str(config), *overrides]
+    cmd = [str(LAUNCH), "--master-port", str(free_port()), *flags, str(config), *overrides]
     return subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -135,7 +130,7 @@ def _rank_pid(session: int, rank: int) -> int | None:
 
 def test_lost_rank_then_resume_reproduces_losses(setup, zero2):
     run = setup["root"] / "killed"
-    cmd = [str(LAUNCH), "--master-port", str(_port()), str(setup["config"]), f"run_dir={run}"]
+    cmd = [str(LAUNCH), "--master-port", str(free_port()), str(setup["config"]), f"run_dir={run}"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -184,7 +179,7 @@ def test_two_nodes_launched_separately_without_ssh(setup, zero2):
     run = setup["root"] / "two_nodes"
     hostfile = setup["root"] / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    port = str(_port())
+    port = str(free_port())
     procs = [
         subprocess.Popen([str(LAUNCH), "--hostfile", str(hostfile), "--no-ssh", "--node-rank", str(r),
                           "--master-addr", "127.0.0.1", "--master-port", port, str(setup["config"]), f"run_dir={run}"],
