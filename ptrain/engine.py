@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -53,12 +54,18 @@ def on_cpu() -> bool:
     return get_accelerator().device_name() == "cpu"
 
 
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(cfg: EngineConfig) -> None:
     """Join the process group from RANK/WORLD_SIZE/MASTER_ADDR (set by the deepspeed launcher)."""
     if "RANK" not in os.environ:  # plain `ptrain pretrain` without a launcher: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("MASTER_PORT", str(_free_loopback_port()))
     deepspeed.init_distributed(timeout=timedelta(seconds=cfg.dist_timeout_s), verbose=False)
     if not on_cpu():
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))

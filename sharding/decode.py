@@ -417,6 +417,16 @@ def extract_clips(
 
 def _child_main(conn) -> None:
     """Child process loop: receive a request, decode, send the result (or the error) back."""
+    # the imports every decode needs come before "ready", so a video's time budget covers its decoding only
+    # (a spawned child inside a Ray task also re-imports Ray first: seconds on a busy machine)
+    import numpy  # noqa: F401
+    from PIL import Image  # noqa: F401
+
+    try:
+        import av  # noqa: F401
+    except ImportError:  # pragma: no cover - PyAV is a dependency; decord may still be there
+        pass
+    conn.send(("ready", None))
     while True:
         try:
             req = conn.recv()
@@ -434,23 +444,36 @@ def _child_main(conn) -> None:
 
 
 class DecodeWorker:
-    """A child process that decodes one video at a time; killed and restarted when a video overruns its budget."""
+    """A child process that decodes one video at a time; killed and restarted when a video overruns its budget.
 
-    def __init__(self) -> None:
+    The per-video budget starts once the child has said it is ready (its start-up has a budget of its own,
+    ``start_timeout``), so a slow start on a loaded machine never counts against a video."""
+
+    def __init__(self, start_timeout: float = 300.0) -> None:
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None
+        self.start_timeout = start_timeout
 
-    def _start(self) -> None:
+    def _start(self, path) -> None:
         parent, child = self._ctx.Pipe()
         self._proc = self._ctx.Process(target=_child_main, args=(child,), daemon=True)
         self._proc.start()
         child.close()
         self._conn = parent
+        t0 = time.monotonic()
+        try:
+            ready = parent.poll(self.start_timeout) and parent.recv() == ("ready", None)
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            self.kill()
+            raise ExtractError("decoder_crash", f"{path}: not decoded: the decoder process did not start (waited "
+                                                f"{time.monotonic() - t0:.0f} s); is the machine out of memory?")
 
     def run(self, path, clips, *, timeout: float, **kwargs):
         if self._proc is None or not self._proc.is_alive():
-            self._start()
+            self._start(path)
         self._conn.send((str(path), clips, kwargs))
         t0 = time.monotonic()
         if not self._conn.poll(timeout):

@@ -1,6 +1,10 @@
-"""Loopback helpers shared by the tests."""
+"""Loopback ports and process sessions for the tests."""
 
+import os
+import signal
 import socket
+import time
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -8,3 +12,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def session_pids(session: int) -> list[int]:
+    """The live (not zombie) processes of process session ``session``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) != session:
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ProcessLookupError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(session: int, timeout: float = 30.0) -> None:
+    """SIGKILL every process of ``session`` (started with ``start_new_session=True``; a process group would
+    miss children that set their own, as Ray's workers do) until none is left."""
+    deadline = time.monotonic() + timeout
+    while pids := session_pids(session):
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert time.monotonic() < deadline, f"processes of session {session} outlived SIGKILL: {pids}"
+        time.sleep(0.05)

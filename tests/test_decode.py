@@ -1,6 +1,8 @@
 """sharding.decode: frames chosen by presentation time, the same with seeking or decoding through, both decoders."""
 
 import json
+import os
+from pathlib import Path
 
 import av
 import pytest
@@ -81,8 +83,6 @@ def test_span_beyond_end_fails_only_that_clip(sample_corpus):
 
 
 def test_worker_kills_a_hung_decode_and_serves_the_next(sample_corpus, tmp_path):
-    import os
-
     fifo = tmp_path / "stuck.mp4"
     os.mkfifo(fifo)
     _meta, paths = good_videos(sample_corpus)
@@ -95,6 +95,27 @@ def test_worker_kills_a_hung_decode_and_serves_the_next(sample_corpus, tmp_path)
         assert len(per_clip[0]) == 1
     finally:
         worker.close()
+
+
+SLOW_HOOK = Path(__file__).parent / "hooks" / "slow"  # sitecustomize.py: PTRAIN_TEST_START_DELAY_S slows start-up
+
+
+def test_a_slow_decoder_start_does_not_count_against_the_video(sample_corpus, monkeypatch):
+    _meta, paths = good_videos(sample_corpus)
+    # every process started from here on sleeps 3 s at start-up: the spawned decoder child does
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SLOW_HOOK), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("PTRAIN_TEST_START_DELAY_S", "3")
+    worker = DecodeWorker()
+    try:
+        info, per_clip = worker.run(next(iter(paths.values())), [(0, 1, [0.5])], timeout=2, frame_size=32)
+        assert len(per_clip[0]) == 1
+    finally:
+        worker.close()
+    worker = DecodeWorker(start_timeout=0.5)  # but a child that never comes up is a clear error
+    with pytest.raises(ExtractError) as ei:
+        worker.run(next(iter(paths.values())), [(0, 1, [0.5])], timeout=60, frame_size=32)
+    assert ei.value.cls == "decoder_crash" and "did not start" in ei.value.message
+    worker.close()
 
 
 def cut_video(path, codec, options, seconds=4, fps=25, keep=0.5):

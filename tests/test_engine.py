@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from net import free_port
 from ptrain.model import ModelConfig
 from ptrain.schema import EngineConfig, OptimConfig
 
@@ -125,7 +126,7 @@ def world_of_one():
 
     saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(20000 + os.getpid() % 20000))
+                      MASTER_PORT=str(free_port()))
     E.init_distributed(EngineConfig())
     yield
     if dist.is_initialized():

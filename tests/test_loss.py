@@ -158,8 +158,14 @@ def _spawn(target, tmp_path):
     procs = [ctx.Process(target=target, args=(r, 2, port, str(out_path))) for r in range(2)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout=180)
+    try:
+        for p in procs:
+            p.join(timeout=180)
+    finally:
+        for p in procs:  # a rank stuck in a collective must not keep pytest from exiting
+            if p.is_alive():
+                p.kill()
+                p.join(10)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     return torch.load(out_path, weights_only=True)
 

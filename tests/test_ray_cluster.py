@@ -3,7 +3,6 @@
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -11,43 +10,35 @@ from pathlib import Path
 
 import pytest
 
-from net import free_port
+from net import free_port, kill_session
 
 pytestmark = pytest.mark.slow
-
-
-def processes_under(temp_dir: str) -> list[int]:
-    """PIDs of the processes of the cluster this test started (they all name its private temp dir)."""
-    import psutil
-
-    pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
-                pids.append(p.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return pids
 
 
 @pytest.fixture
 def ray_cluster(tmp_path_factory):
     temp_dir = str(tmp_path_factory.mktemp("rt"))  # short path: Ray's socket names must stay < 108 chars
     gcs, dash = free_port(), free_port()
+    # every port of our own: Ray's fixed defaults (dashboard agent 52365, client server 10001) can still be held
+    # by the agent of a cluster stopped a moment ago, or by someone else's Ray on this machine
+    ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "metrics-export-port", "runtime-env-agent-port",
+                                                   "ray-client-server-port")]
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # token authentication with a token of this test's own (never the user's ~/.ray/auth_token)
     env = dict(os.environ, RAY_ADDRESS="", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    subprocess.run([ray_bin, "start", "--head", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-                    "--temp-dir", temp_dir, "--disable-usage-stats"], check=True, env=env, capture_output=True)
+    # a session of its own: teardown kills every process of this cluster, also those Ray renames (ray::...)
+    start = subprocess.Popen([ray_bin, "start", "--head", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
+                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), *ports,
+                              "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
     try:
+        out, _ = start.communicate(timeout=180)
+        assert start.returncode == 0, out[-3000:]
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        for pid in processes_under(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_session(start.pid)
 
 
 def test_shard_job_submitted_to_a_cluster(sample_corpus, ray_cluster, tmp_path):

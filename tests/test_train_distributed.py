@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from net import free_port
+from net import free_port, session_pids
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,9 @@ STEPS = 60
 
 
 def _env(**extra):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    # one thread per rank whatever the machine's core count, so the runs compared below compute alike
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "NUM_GPUS", "HOSTFILE"):
         env.pop(k, None)
     env.update(extra)
@@ -113,18 +115,14 @@ def test_zero3_two_ranks_matches_zero2(setup, zero2):
 
 def _rank_pid(session: int, rank: int) -> int | None:
     """The pid of the training process with RANK=rank in process session ``session``."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in session_pids(session):
         try:
-            if os.getsid(int(entry.name)) != session:
-                continue
-            env = (entry / "environ").read_bytes().split(b"\0")
-            cmd = (entry / "cmdline").read_bytes()
-        except (OSError, ProcessLookupError):
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
             continue
         if f"RANK={rank}".encode() in env and b"pretrain" in cmd and b"deepspeed.launcher" not in cmd:
-            return int(entry.name)
+            return pid
     return None
 
 

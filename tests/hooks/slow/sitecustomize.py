@@ -1,22 +1,28 @@
-"""Test-only start-up hook (never imported by production code): simulates slow shard storage.
+"""Test-only start-up hook (never imported by production code): simulates slow storage and a slow machine.
 
-tests/test_shard_e2e.py puts this directory on PYTHONPATH of a ``ptrain shard`` subprocess. Every Python process
-started from it (the driver, and the Ray workers, which inherit the driver's environment) imports this module at
-start-up. When ``PTRAIN_TEST_COMMIT_DELAY_S`` is set, ``sharding.write.write_shard`` is wrapped so that it sleeps
-that long after each committed shard (tar + sidecar) and appends ``<pid> <shard>`` to
-``PTRAIN_TEST_COMMIT_LOG``, so the test can both kill the run between two commits and check that the hook really
-ran inside the Ray workers.
+Tests put this directory on the PYTHONPATH of the processes they start. Every Python process started with it
+(a ``ptrain shard`` driver, its Ray workers, which inherit the driver's environment, and their spawned
+children) imports this module at start-up.
+
+- ``PTRAIN_TEST_START_DELAY_S``: sleep that long at start-up (a loaded machine's slow process start).
+- ``PTRAIN_TEST_COMMIT_DELAY_S``: ``sharding.write.write_shard`` is wrapped so that it appends
+  ``<pid> <shard>`` to ``PTRAIN_TEST_COMMIT_LOG`` after each committed shard (tar + sidecar), then sleeps that
+  long, so a test can kill the run between two commits and check that the hook really ran inside the Ray
+  workers.
 """
 
 import importlib.machinery
 import importlib.util
 import os
 import sys
+import time
+
+if os.environ.get("PTRAIN_TEST_START_DELAY_S"):
+    time.sleep(float(os.environ["PTRAIN_TEST_START_DELAY_S"]))
 
 _delay = os.environ.get("PTRAIN_TEST_COMMIT_DELAY_S")
 if _delay:
     import functools
-    import time
 
     import sharding.write as _write
 
