@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install (launch/setup.sh --test), then run the whole test suite, slow tests included (CI runs this).
-#   bash launch/test.sh                 # everything: about 6 minutes on 2 CPU cores (294 tests, 5:11 measured)
+#   bash launch/test.sh                 # everything: about 6-7 minutes on 2 CPU cores (298 tests in 6:10 from a clean clone)
 #   bash launch/test.sh -m "not slow"   # the quick part (what a plain `pytest` runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
