@@ -77,9 +77,9 @@ def test_export_is_self_describing_and_hf_loadable(tmp_path):
 
 def _hf_tokenizer_dir(path):
     """A Hugging Face-layout CLIP tokenizer directory (vocab.json + merges.txt) of the CLIP vocabulary."""
-    from ptrain.model.tokenizer import _DEFAULT_VOCAB, _load_clip_gz
+    from ptrain.model.tokenizer import DEFAULT_VOCAB, _load_clip_gz
 
-    encoder, merges = _load_clip_gz(_DEFAULT_VOCAB)
+    encoder, merges = _load_clip_gz(DEFAULT_VOCAB)
     path.mkdir()
     (path / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
     (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
@@ -92,7 +92,7 @@ def test_export_carries_its_vocabulary_and_can_be_moved(tmp_path, vocab):
     export still tokenizes (and the source vocabulary may be gone)."""
     import shutil
 
-    from ptrain.model.tokenizer import _DEFAULT_VOCAB
+    from ptrain.model.tokenizer import DEFAULT_VOCAB
 
     kw = {"tokenizer": str(_hf_tokenizer_dir(tmp_path / "hf_tok"))} if vocab == "hf_dir" else {}
     model = _model("meanP", **kw)
@@ -104,7 +104,7 @@ def test_export_carries_its_vocabulary_and_can_be_moved(tmp_path, vocab):
     assert not rel.startswith("/") and (out / rel).exists()
     if vocab == "shipped":
         assert rel == "bpe_simple_vocab_16e6.txt.gz" and section["model"]["tokenizer"] == ""
-        assert (out / rel).read_bytes() == open(_DEFAULT_VOCAB, "rb").read()
+        assert (out / rel).read_bytes() == open(DEFAULT_VOCAB, "rb").read()
     else:
         assert rel == "tokenizer" and section["model"]["tokenizer"] == "tokenizer"
         assert sorted(p.name for p in (out / rel).iterdir()) == ["merges.txt", "vocab.json"]

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from ptrain.model.tokenizer import _DEFAULT_VOCAB, ClipTokenizer, _load_clip_gz, get_tokenizer
+from ptrain.model.tokenizer import DEFAULT_VOCAB, ClipTokenizer, _load_clip_gz, get_tokenizer
 
 HARD_TEXTS = [
     "a man is cooking pasta in the kitchen",
@@ -187,7 +187,7 @@ def test_bad_input_errors(tok, tmp_path):
 
 
 def test_hf_directory_gives_same_ids(tok, tmp_path):
-    encoder, merges = _load_clip_gz(_DEFAULT_VOCAB)
+    encoder, merges = _load_clip_gz(DEFAULT_VOCAB)
     (tmp_path / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
     (tmp_path / "merges.txt").write_text(
         "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"

@@ -35,7 +35,7 @@ from transformers import CLIPConfig
 import ptrain
 from ptrain.model.clip import clip_from_hf_state
 from ptrain.model.config import ModelConfig
-from ptrain.model.tokenizer import _DEFAULT_VOCAB
+from ptrain.model.tokenizer import DEFAULT_VOCAB
 from ptrain.model.video_text import CLIP_MEAN, CLIP_STD, VideoTextModel
 
 FORMAT_VERSION = 1
@@ -62,7 +62,7 @@ _HF_TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
 def _tokenizer_source(model: VideoTextModel) -> Path:
-    return Path(model.tokenizer_path or model.cfg.tokenizer or _DEFAULT_VOCAB)
+    return Path(model.tokenizer_path or model.cfg.tokenizer or DEFAULT_VOCAB)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:

@@ -50,7 +50,7 @@ _WORD_RE = regex.compile(
     r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
 )
 
-_DEFAULT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
+DEFAULT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 
 
 def _bytes_to_unicode() -> tuple[list[str], dict[int, str]]:
@@ -128,7 +128,7 @@ class ClipTokenizer:
     vocab_size = 49408
 
     def __init__(self, vocab_path: str | None = None):
-        path = _DEFAULT_VOCAB if vocab_path is None else os.fspath(vocab_path)
+        path = DEFAULT_VOCAB if vocab_path is None else os.fspath(vocab_path)
         if os.path.isdir(path):
             if not all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
                 raise FileNotFoundError(
@@ -232,6 +232,7 @@ class ClipTokenizer:
 
 
 @functools.lru_cache(maxsize=None)
-def get_tokenizer() -> ClipTokenizer:
-    """The shared default tokenizer (loading the vocabulary takes ~0.2 s; do it once per process)."""
-    return ClipTokenizer()
+def get_tokenizer(vocab_path: str | None = None) -> ClipTokenizer:
+    """The shared tokenizer of a vocabulary (None: the shipped one); loading a vocabulary takes ~0.2 s, so
+    each is loaded once per process."""
+    return ClipTokenizer(vocab_path)

@@ -236,10 +236,9 @@ class VideoTextModel(nn.Module):
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP BPE ids and mask as LongTensors [N, max_words] (SOT + tokens + EOT, zero padded)."""
         if self._tokenizer is None:
-            from ptrain.model.tokenizer import _DEFAULT_VOCAB, ClipTokenizer, get_tokenizer
+            from ptrain.model.tokenizer import get_tokenizer
 
-            path = self.tokenizer_path or self.cfg.tokenizer
-            self._tokenizer = ClipTokenizer(path) if path and path != _DEFAULT_VOCAB else get_tokenizer()
+            self._tokenizer = get_tokenizer(self.tokenizer_path or self.cfg.tokenizer or None)
         ids, mask = self._tokenizer(list(texts), max_words=self.cfg.max_words)
         return torch.from_numpy(ids), torch.from_numpy(mask)
 
