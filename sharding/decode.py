@@ -145,20 +145,25 @@ def _clip_errors(clips, info: VideoInfo, tolerance: float) -> dict[int, ExtractE
     return errs
 
 
+def _stated_duration(container, stream) -> float:
+    """The video stream's duration as the header states it, inf when it states none."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration and not container.streams.audio:
+        # the container's duration is its longest stream's: only the video's when there is no audio track
+        return container.duration / 1e6
+    return math.inf
+
+
 def _header_duration(path: Path) -> float:
     """The video duration the header states (no decoding), inf when it states none or PyAV cannot read it."""
     try:
         import av
 
         with av.open(str(path), mode="r") as container:
-            stream = container.streams.video[0]
-            if stream.duration and stream.time_base:
-                return float(stream.duration * stream.time_base)
-            if container.duration and not container.streams.audio:  # else it may be the audio's length
-                return container.duration / 1e6
+            return _stated_duration(container, container.streams.video[0])
     except Exception:  # noqa: BLE001 - only a cross-check for the decord path
-        pass
-    return math.inf
+        return math.inf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,13 +250,7 @@ def _extract_pyav(path: Path, clips, frames: _Frames, threads: int):
         tb = float(stream.time_base) if stream.time_base else None
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
         width, height = ctx.width, ctx.height
-        if stream.duration and tb:
-            header_duration = float(stream.duration * tb)
-        elif container.duration and not container.streams.audio:
-            # the container's duration is its longest stream's: only the video's when there is no audio track
-            header_duration = container.duration / 1e6
-        else:
-            header_duration = math.inf
+        header_duration = _stated_duration(container, stream)
         start_offset = float(stream.start_time * tb) if (stream.start_time and tb) else 0.0
         ow, oh = output_size(width, height, frames.frame_size) if width and height else (frames.frame_size,) * 2
 
