@@ -37,6 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ptrain.model.config import CLIP_MEAN, CLIP_STD  # noqa: E402
+
 
 def synthetic_clip(h: int, w: int, n: int, seed: int) -> list[np.ndarray]:
     """n frames of a moving scene: gradients, a few moving rectangles/discs, noise."""
@@ -93,14 +95,14 @@ def pil_baseline(jpgs: list[bytes], S: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack(out).transpose(0, 3, 1, 2))
 
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32).reshape(1, 3, 1, 1)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32).reshape(1, 3, 1, 1)
+MEAN_13 = np.array(CLIP_MEAN, np.float32).reshape(1, 3, 1, 1)
+STD_13 = np.array(CLIP_STD, np.float32).reshape(1, 3, 1, 1)
 
 
 def clip4clip_style(jpgs: list[bytes], S: int) -> np.ndarray:
     """``pil_baseline`` + ToTensor/Normalize on the CPU, as CLIP4Clip's loader does (float32 [T,3,S,S])."""
     x = pil_baseline(jpgs, S).astype(np.float32) / 255.0
-    return (x - CLIP_MEAN) / CLIP_STD
+    return (x - MEAN_13) / STD_13
 
 
 def best_rates(methods: dict, seconds: float, rounds: int = 5) -> dict[str, float]:
