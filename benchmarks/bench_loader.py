@@ -14,7 +14,7 @@ interleaved rounds, best round kept, so other load on the machine hits every met
 - ``CLIP4Clip-style``: the same, then what its torchvision transform adds on the CPU (``ToTensor`` +
   ``Normalize``: float32 [T,3,S,S] normalised with CLIP's mean/std). Our loader hands uint8 frames over and
   the model normalises them on the accelerator, so this row shows what moving that work off the CPU gains;
-- our path (``ptrain.data.pipeline.decode_sample``) with the PIL decoder, simplejpeg, and simplejpeg
+- our path (``ptrain.data.sample.decode_clip``) with the PIL decoder, simplejpeg, and simplejpeg
   with fastdct/fastupsample (the default);
 - the whole train loader (tar reads + decode + crop + tokenize + batching), ``num_workers=0``.
 
@@ -134,7 +134,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from ptrain.data import DataConfig, build_train_loader
-    from ptrain.data.pipeline import ClipSpec, decode_sample
+    from ptrain.data.sample import ClipSpec, decode_clip
     from ptrain.model.tokenizer import get_tokenizer
 
     get_tokenizer()
@@ -156,7 +156,7 @@ def main() -> None:
 
             def ours(decoder: str, fast: bool):
                 spec = ClipSpec(T, S, 32, "center", decoder=decoder, fast=fast)
-                return cycle(lambda m: decode_sample(m, spec, None, buf)[0], members)
+                return cycle(lambda m: decode_clip(m, spec, None, buf)[1], members)
 
             loader = build_train_loader(DataConfig(sources=[str(d)], num_workers=0, crop="random"),
                                         num_frames=T, frame_size=S, max_words=32, micro_batch_size=8)

@@ -45,10 +45,13 @@ def _batch(batch, frames, size, words, device):
 
 
 def _step_fn(model, spec, batch, dtype):
-    """One training step: our forward (loss inside) + backward, or the plain-CLIP baseline."""
+    """One training step: our forward + the step's loss + backward, or the plain-CLIP baseline."""
     frames, mask, ids, attn = batch
     if spec is not None:
-        return lambda: model(frames, mask, ids, attn)["loss"].backward()
+        from ptrain.loss import build_loss
+
+        loss_fn = build_loss(model.cfg)
+        return lambda: loss_fn(model(frames, mask, ids, attn), None)[0].backward()
     clip, log_scale = model.clip, model.logit_scale.log_scale
 
     def baseline():

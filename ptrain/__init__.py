@@ -3,7 +3,9 @@
 Importing ``ptrain`` is cheap (no torch); ``ptrain.load`` imports the model library on first use.
 """
 
-__version__ = "0.1.0"
+from ptrain.version import __version__
+
+__all__ = ["__version__", "load"]
 
 
 def __getattr__(name):  # lazy public API, keeps `ptrain --help` fast

@@ -12,7 +12,7 @@ Layout of ``RUN/checkpoints/step_NNNNNNNN/`` (NNNNNNNN = optimizer steps done):
 
 Resume: same world size, ZeRO stage and precision -> DeepSpeed's ``load_checkpoint`` (bit-exact).
 Otherwise -> the consolidated tensors are scattered into the new engine's partitions
-(:func:`ptrain.engine.load_full_state`): same fp32 master weights, Adam moments and step count, so
+(:meth:`ptrain.engine.Engine.load_full_state`): same fp32 master weights, Adam moments and step count, so
 the continued run equals the uninterrupted one up to the summation order of the gradient reduction.
 The data cursor is the optimizer step: the loader seeks to it (``build_train_loader(start_step=)``).
 """
@@ -29,12 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ptrain import engine as E
+from ptrain import distributed as du
 from ptrain.model.config import ModelConfig
-from ptrain.schema import CheckpointConfig
+from ptrain.configs import CheckpointConfig
 
 NATIVE_TAG = "deepspeed"
 STATE_FILE = "trainer_state.json"
@@ -168,16 +167,16 @@ def _write_json(path: Path, data: dict) -> None:
 
 def save(engine, model_cfg: ModelConfig, run_dir: str | Path, state: dict[str, Any], cfg: CheckpointConfig) -> Path:
     """Write ``step_{state['step']}`` (every rank must call this); returns its path."""
-    rank = dist.get_rank()
+    rank = du.rank()
     out = step_dir(run_dir, state["step"])
     if rank == 0:
         if out.exists():  # a half-written directory of an interrupted earlier attempt
             shutil.rmtree(out)
         (out / "rng").mkdir(parents=True)
-    dist.barrier()
-    state = dict(state, optimizer_steps=E.optimizer_step_count(engine), saved_at=time.time())
-    E.save_native(engine, str(out), NATIVE_TAG, client_state={"trainer_state": state})
-    weights, moments = E.gather_full_state(engine)
+    du.barrier()
+    state = dict(state, optimizer_steps=engine.optimizer_step_count(), saved_at=time.time())
+    engine.save(str(out), NATIVE_TAG, client_state={"trainer_state": state})
+    weights, moments = engine.gather_full_state()
     tensors, meta = _rng_state()
     save_file(tensors, str(out / "rng" / f"rank_{rank:05d}.safetensors"))
     _write_json(out / "rng" / f"rank_{rank:05d}.json", meta)
@@ -188,7 +187,7 @@ def save(engine, model_cfg: ModelConfig, run_dir: str | Path, state: dict[str, A
             save_file(moments, str(out / "consolidated" / "moments.safetensors"))
         _export(model_cfg, weights, out / "export")
         _write_json(out / STATE_FILE, state)
-    dist.barrier()
+    du.barrier()
     if rank == 0:
         _write_json(out / COMPLETE, {"step": state["step"], "time": time.time()})
         prune(run_dir, cfg.keep_last)
@@ -216,10 +215,10 @@ def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
 def load(engine, path: Path, zero_stage: int, precision: str) -> tuple[dict[str, Any], str]:
     """Restore ``engine`` (+ this rank's RNG) from checkpoint ``path``; returns (trainer state, how)."""
     state = json.loads((path / STATE_FILE).read_text())
-    world = dist.get_world_size()
+    world = du.world_size()
     same_layout = (state["world_size"], state["zero_stage"], state["precision"]) == (world, zero_stage, precision)
     if same_layout:
-        E.load_native(engine, str(path), NATIVE_TAG)
+        engine.load(str(path), NATIVE_TAG)
         how = "DeepSpeed state (same world size and ZeRO stage)"
     else:
         moments_file = path / "consolidated" / "moments.safetensors"
@@ -232,12 +231,12 @@ def load(engine, path: Path, zero_stage: int, precision: str) -> tuple[dict[str,
             )
         weights = load_file(str(path / "consolidated" / "weights.safetensors"))
         moments = load_file(str(moments_file))
-        E.load_full_state(engine, weights, moments, state.get("optimizer_steps", state["step"]))
+        engine.load_full_state(weights, moments, state.get("optimizer_steps", state["step"]))
         how = (
             f"consolidated fp32 state (saved on {state['world_size']} rank(s) ZeRO-{state['zero_stage']} "
             f"{state['precision']}, now {world} rank(s) ZeRO-{zero_stage} {precision})"
         )
-    if not _restore_rng(path / "rng", dist.get_rank()):
+    if not _restore_rng(path / "rng", du.rank()):
         # A rank that did not exist when saving: a fresh stream that still depends only on (seed, step, rank).
-        torch.manual_seed(hash((state.get("seed", 0), state["step"], dist.get_rank())) & 0x7FFFFFFF)
+        torch.manual_seed(hash((state.get("seed", 0), state["step"], du.rank())) & 0x7FFFFFFF)
     return state, how

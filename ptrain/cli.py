@@ -1,7 +1,10 @@
 """``ptrain VERB [CONFIG.yaml] [dotted.key=value ...]`` — dispatch only.
 
 Each verb names its root config dataclass and its ``run(cfg)`` function as import strings, so that
-``ptrain`` and ``ptrain VERB --help`` never import torch, ray or deepspeed.
+``ptrain``, ``ptrain --version`` and ``ptrain VERB --help`` never import torch, ray or deepspeed. A
+``--local_rank=N`` that a launcher puts among the arguments (``deepspeed --module ptrain ...``, or
+``deepspeed launch/pretrain.sh ...``, which runs that file with Python) is taken out: ranks read
+``LOCAL_RANK`` from the environment.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ VERBS: dict[str, tuple[str, str, str]] = {
         "videos + timestamped captions -> WebDataset shards of JPEG frames (Ray)",
     ),
     "pretrain": (
-        "ptrain.schema:PretrainConfig",
-        "ptrain.train:run",
+        "ptrain.configs:PretrainConfig",
+        "ptrain.pretrain:run",
         "contrastive post-pretraining with DeepSpeed ZeRO on shards (one process per rank; see launch/pretrain.sh)",
     ),
     "eval": (
-        "ptrain.schema:EvalConfig",
+        "ptrain.configs:EvalConfig",
         "ptrain.evaluate:run",
         "embed held-out shards with an export and report R@1/5/10, MdR, MnR (+ the sample-data direction probe)",
     ),
@@ -49,7 +52,7 @@ def _resolve(ref: str):
 
 def usage() -> str:
     width = max(len(v) for v in VERBS)
-    lines = ["usage: ptrain VERB [CONFIG.yaml] [dotted.key=value ...]", "", "verbs:"]
+    lines = ["usage: ptrain VERB [CONFIG.yaml] [dotted.key=value ...]   (ptrain --version)", "", "verbs:"]
     lines += [f"  {v.ljust(width)}  {VERBS[v][2]}" for v in VERBS]
     lines += ["", "`ptrain VERB --help` lists the verb's keys with their defaults."]
     return "\n".join(lines)
@@ -64,11 +67,33 @@ def _print_help(text: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """``argv`` without the ``--local_rank=N`` / ``--local_rank N`` a launcher inserts (its value goes to the
+    ``LOCAL_RANK`` environment variable when that is unset, as torch's launchers do)."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        name, eq, value = a.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not eq and i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         _print_help(usage())
-        return 0 if argv else 2
+        return 0
+    if argv[0] in ("--version", "-V", "version"):
+        from ptrain.version import __version__
+
+        _print_help(f"ptrain {__version__}")
+        return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         import difflib
@@ -85,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stray = [a for a in rest if a.startswith("--")]
     if stray:
-        print(
-            f"ptrain {verb}: unexpected flag {stray[0]!r}; config values are given as key=value. "
-            "(Under the deepspeed launcher pass --no_local_rank: ranks read LOCAL_RANK from the environment.)",
-            file=sys.stderr,
-        )
+        launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        why = (" This process is a rank that a launcher started: launch settings such as --gpus belong to the "
+               "launcher's own command line (or to launch/pretrain.sh run from a plain shell), not to a rank."
+               if launched else "")
+        print(f"ptrain {verb}: unexpected flag {stray[0]!r}; config values are given as key=value.{why}",
+              file=sys.stderr)
         return 2
     path = None
     if rest and "=" not in rest[0]:

@@ -9,8 +9,9 @@ Values are coerced to the declared type (PyYAML reads ``1e-4`` as a string and `
 ``float`` field accepts the string ``"1e-4"`` and a ``str`` field refuses a bare ``no``). Unknown keys,
 type errors, malformed overrides and ``__post_init__`` failures are collected into ONE :class:`ConfigError`
 whose lines name the dotted path, where the value came from and, for unknown keys, the closest valid key. A
-``__post_init__`` raises sentences that start with the key they are about (several at once with
-:class:`InvalidValues`); the loader places each at its dotted path and adds the sources of the keys it names.
+``__post_init__`` raises structured problems: :class:`Invalid` (the key, the sentence, the other keys it is about),
+several at once with :class:`InvalidValues`; the loader places each at its dotted path and names where the values
+of those keys came from. (A plain ``ValueError`` is placed at the key its sentence starts with, if any.)
 
 This module imports only the standard library and PyYAML, so ``ptrain VERB --help`` is instant.
 """
@@ -39,15 +40,41 @@ class ConfigError(ValueError):
         super().__init__("invalid config:\n  " + "\n  ".join(self.problems))
 
 
+class Invalid(ValueError):
+    """One problem of a config value: ``Invalid("num_frames", "num_frames must be at least 1, got 0")``.
+
+    ``key`` is the field (a dotted path below the dataclass that raises), ``message`` the sentence (it may start
+    with the key), ``also`` the other keys the sentence is about: the loader names where each value came from."""
+
+    def __init__(self, key: str, message: str, also: tuple[str, ...] = ()):
+        self.key, self.message, self.also = key, message, tuple(also)
+        super().__init__(message)
+
+
 class InvalidValues(ValueError):
-    """Raised by a config's ``__post_init__`` to report several problems at once, one sentence each.
+    """Raised by a config's ``__post_init__`` to report several problems at once (:class:`Invalid` each)."""
 
-    Each sentence should start with the key it is about (``"num_frames must be at least 1, got 0"``): the loader
-    then names that key by its dotted path and says where its value came from."""
-
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[Invalid | str]):
         self.problems = list(problems)
-        super().__init__("; ".join(self.problems))
+        super().__init__("; ".join(str(p) for p in self.problems))
+
+
+class Problems(list):
+    """The problems a ``__post_init__`` finds, all of them: ``check`` each rule, then ``raise_any``.
+
+        p = Problems()
+        p.check(self.lr > 0, "lr", f"lr must be positive, got {self.lr}")
+        p.check(lo <= hi, "min_seconds", "min_seconds is larger than max_seconds", also=("max_seconds",))
+        p.raise_any()
+    """
+
+    def check(self, ok: bool, key: str, message: str, also: tuple[str, ...] = ()) -> None:
+        if not ok:
+            self.append(Invalid(key, message, also))
+
+    def raise_any(self) -> None:
+        if self:
+            raise InvalidValues(list(self))
 
 
 def opt(default: Any = _MISSING, doc: str = "", *, factory: Any = _MISSING) -> Any:
@@ -96,8 +123,10 @@ def _coerce(value: Any, tp: Any) -> Any:
         return value
     if origin is Literal:
         choices = get_args(tp)
-        if value in choices:
+        if value in choices and type(value) in {type(c) for c in choices}:
             return value
+        if isinstance(value, bool) and str(value).lower() in choices:
+            return str(value).lower()  # a choice spelt 'true'/'false', which YAML and the command line read as a bool
         if isinstance(value, str):
             close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -277,33 +306,31 @@ def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str], 
         built = cls(**kwargs)
         return None if failed_section else built
     except (ValueError, TypeError) as e:  # __post_init__'s sentences, each placed at the key it names
-        sentences = e.problems if isinstance(e, InvalidValues) else [str(e)]
-        problems.extend(_locate(sentence, cls, values, prefix) for sentence in sentences)
+        found = e.problems if isinstance(e, InvalidValues) else [e]
+        problems.extend(_place(p, cls, values, prefix) for p in found)
         return None
 
 
-def _locate(sentence: str, cls: type, values: dict[str, Any], prefix: str) -> str:
-    """Name a ``__post_init__`` sentence by the dotted key it is about (the key it starts with, else the first key
-    it mentions) and say where the values of the keys it mentions came from."""
-    found: list[tuple[int, str]] = []  # (position, relative dotted path), longest paths claimed first
-    for path in sorted(_leaf_paths(cls), key=len, reverse=True):
-        for m in re.finditer(rf"(?<![\w.]){re.escape(path)}(?!\w)", sentence):
-            if not any(pos <= m.start() < pos + len(other) for pos, other in found):
-                found.append((m.start(), path))
-                break
-    if not found:
-        return f"{prefix.rstrip('.') or cls.__name__}: {sentence}"
-    found.sort()
-    key = found[0][1]
+def _place(problem: Invalid | ValueError | str, cls: type, values: dict[str, Any], prefix: str) -> str:
+    """The error line of a ``__post_init__`` problem: at its dotted key, with where its values came from."""
+    if isinstance(problem, Invalid):
+        key, sentence, keys = problem.key, problem.message, (problem.key, *problem.also)
+    else:  # a plain sentence: it is about the key it starts with, if it starts with one
+        sentence = str(problem)
+        first = re.match(r"[\w.]+", sentence)
+        key = first.group(0).rstrip(".") if first and first.group(0).rstrip(".") in _leaf_paths(cls) else ""
+        keys = (key,) if key else ()
     sentence = sentence.rstrip(".")
-    line = (prefix + sentence) if found[0][0] == 0 else f"{prefix}{key}: {sentence}"
-    sources = {path: _source_at(values, path) for _pos, path in found}
+    if not key:
+        return f"{prefix.rstrip('.') or cls.__name__}: {sentence}"
+    line = prefix + sentence if sentence.startswith(key) else f"{prefix}{key}: {sentence}"
+    sources = {k: _source_at(values, k) for k in keys}
     if all(src is None for src in sources.values()):
         return line  # only defaults: nothing was given
-    named = {path: src or "the default" for path, src in sources.items()}
+    named = {k: src or "the default" for k, src in sources.items()}
     if len(set(named.values())) == 1:
         return f"{line} (from {next(iter(named.values()))})"
-    return f"{line} (" + ", ".join(f"{prefix}{path} from {src}" for path, src in named.items()) + ")"
+    return f"{line} (" + ", ".join(f"{prefix}{k} from {src}" for k, src in named.items()) + ")"
 
 
 def _source_at(values: dict[str, Any], path: str) -> str | None:

@@ -1,20 +1,32 @@
-"""Rank/world helpers and feature gathers (the only collectives the model library uses).
+"""THE distribution seam: process-group set-up, rank / world / device, and every collective ptrain uses.
 
     from ptrain import distributed as dist_utils
-    rank, world = dist_utils.rank(), dist_utils.world_size()     # process group, else env, else 0/1
-    all_feats_ND = dist_utils.all_gather_with_grad(local_feats_BD) # gradient flows back to every rank
+    dist_utils.init(timeout_s=1800)                                  # any launcher, or none (a world of one)
+    rank, world, dev = dist_utils.rank(), dist_utils.world_size(), dist_utils.device()
+    all_feats_ND = dist_utils.all_gather_with_grad(local_feats_BD)   # gradient flows back to every rank
 
-The rank and world size come from ``torch.distributed`` when a process group is initialised, else
-from the launcher's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), else 0 / 1. Gathers
-require the same local batch size on every rank (the loaders guarantee it).
+Launchers only establish the process group; nothing else in ptrain asks which one ran it. ``init`` reads the
+standard environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), which the
+``deepspeed`` launcher (``launch/pretrain.sh``) and ``torchrun`` both set; without any of it, it makes a world of
+one on a free loopback port; a process group that already exists (Ray Train sets one up) is used as it is.
+
+The rank and world size come from ``torch.distributed`` once a group exists, else from that environment, else 0 / 1.
+The device is CUDA ``LOCAL_RANK`` when CUDA is there (and ``DS_ACCELERATOR`` does not say ``cpu``), else the CPU.
+Gathers require the same local batch size on every rank (the loaders guarantee it).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# Environment variables a launcher sets in every rank it starts (torchrun adds TORCHELASTIC_*, deepspeed CROSS_*).
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -23,6 +35,47 @@ def _env_int(name: str, default: int) -> int:
         return int(raw) if raw != "" else default
     except ValueError:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer; unset it or fix the launcher.") from None
+
+
+def launched() -> bool:
+    """Whether this process is a rank started by a launcher (deepspeed, torchrun, mpirun with the env set)."""
+    return all(name in os.environ for name in LAUNCHER_ENV)
+
+
+def launcher_name() -> str:
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    if "CROSS_RANK" in os.environ:
+        return "deepspeed"
+    return "launcher" if launched() else "none"
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def init(timeout_s: int = 1800) -> None:
+    """Join (or create) the process group of this run; a no-op when one exists."""
+    if is_initialized():
+        return
+    if not launched():  # plain `ptrain pretrain` without a launcher: a world of one on loopback
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_loopback_port()))
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise RuntimeError(f"{name} is not set although RANK/WORLD_SIZE are: the launcher ({launcher_name()}) "
+                               "must set the rendezvous address; set MASTER_ADDR and MASTER_PORT")
+    if on_cuda():
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group("nccl" if on_cuda() else "gloo", timeout=timedelta(seconds=timeout_s),
+                            rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1))
 
 
 def is_initialized() -> bool:
@@ -45,44 +98,40 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def device() -> torch.device:
+    return torch.device("cuda", local_rank()) if on_cuda() else torch.device("cpu")
+
+
+def device_name() -> str:
+    if on_cuda():
+        return torch.cuda.get_device_name(local_rank())
+    return f"cpu ({os.cpu_count()} cores)"
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's slice.
-
-    Every rank computes a loss from the gathered tensor; the gradient w.r.t. rank r's rows is the
-    sum over ranks of d(loss_k)/d(rows_r). With the usual gradient *averaging* across ranks, the
-    parameter gradient then equals that of the mean per-rank loss on one big batch (tested)."""
-
-    @staticmethod
-    def forward(ctx, x_BD):
-        world = dist.get_world_size()
-        parts = [torch.empty_like(x_BD) for _ in range(world)]
-        dist.all_gather(parts, x_BD.contiguous())
-        ctx.rank, ctx.batch = dist.get_rank(), x_BD.shape[0]
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad_ND):
-        grad_ND = grad_ND.contiguous()
-        dist.all_reduce(grad_ND, op=dist.ReduceOp.SUM)
-        return grad_ND[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+def _grouped() -> bool:
+    return is_initialized() and dist.get_world_size() > 1
 
 
 def all_gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x_BD`` from every rank (rank order) with gradient; identity without a group."""
-    if not is_initialized() or dist.get_world_size() == 1:
+    """Concatenate ``x_BD`` from every rank (rank order); the backward sums every rank's gradient for this rank's
+    rows (``torch.distributed.nn``), so averaging parameter gradients over ranks (DeepSpeed) gives exactly the
+    gradient of the mean per-rank loss on one big batch (tested). Identity without a group."""
+    if not _grouped():
         return x_BD
-    return _AllGatherWithGrad.apply(x_BD)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x_BD.contiguous()), dim=0)
 
 
 def all_gather_no_grad(x_BD: torch.Tensor) -> torch.Tensor:
     """Concatenate from every rank; only this rank's own rows keep their gradient (open_clip's
     ``gather_with_grad=False``: cheaper backward, gradients of the other ranks' rows are dropped)."""
-    if not is_initialized() or dist.get_world_size() == 1:
+    if not _grouped():
         return x_BD
     parts = [torch.empty_like(x_BD) for _ in range(dist.get_world_size())]
     with torch.no_grad():
@@ -92,9 +141,36 @@ def all_gather_no_grad(x_BD: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_tensor(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate a non-differentiable tensor (ids, masks) from every rank."""
-    if not is_initialized() or dist.get_world_size() == 1:
+    """Concatenate a non-differentiable tensor (ids, masks, features at eval) from every rank, in rank order."""
+    if not _grouped():
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def all_gather_objects(item: Any) -> list[Any]:
+    """``[item of rank 0, item of rank 1, ...]`` (picklable Python objects of our own making only)."""
+    if not _grouped():
+        return [item]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, item)
+    return out
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over ranks in place (and return it)."""
+    if _grouped():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if _grouped():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def destroy() -> None:
+    if is_initialized():
+        dist.destroy_process_group()

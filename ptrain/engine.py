@@ -1,31 +1,26 @@
-"""The one module that imports DeepSpeed: config derivation, parameter groups, the engine, state I/O.
+"""The one module that imports DeepSpeed: the DeepSpeed config derived from ``EngineConfig``, and ``Engine``.
 
-    from ptrain import engine as E
-    E.init_distributed(cfg.engine)                         # gloo on CPU, nccl on GPU (rank/world from env)
-    E.freeze_clip_layers(model, cfg.optim.freeze_layer_num)
-    eng, ds_config = E.build_engine(model, cfg.optim, cfg.engine)
-    E.set_lr(eng, E.lr_multiplier(step, cfg.optim, cfg.max_steps))
+    from ptrain.engine import Engine
+    engine = Engine(model, build_optimizer(model, cfg.optim), cfg.engine)   # deepspeed.initialize
+    out = engine(frames, mask, ids, attn); engine.backward(loss); engine.step()
+    engine.clamp_(model.logit_scale.log_scale, max_log_scale)               # in the fp32 master copy
+    weights, moments = engine.gather_full_state()                          # world-size-free state (collective)
+    engine.save(directory, tag, client_state) / engine.load(directory, tag)
 
-The DeepSpeed JSON is derived from :class:`ptrain.schema.EngineConfig` by :func:`deepspeed_config`
-and never written by hand. The optimizer is torch AdamW with four groups: {CLIP, new} x {decay,
-no decay}; CLIP runs at ``lr * coef_lr``. ZeRO's partitioned fp32 master weights and Adam moments
-can be gathered into full tensors (:func:`gather_full_state`) and scattered back into an engine of
-any world size and ZeRO stage (:func:`load_full_state`): that is how a checkpoint saved on N ranks
-resumes on M ranks (DeepSpeed's own ZeRO files refuse a different data-parallel size).
+The DeepSpeed JSON is derived from :class:`ptrain.configs.EngineConfig` by :func:`deepspeed_config` and never
+written by hand. The optimizer (torch AdamW over ``ptrain.optim.param_groups``) and the schedule are plain torch;
+the process group is ``ptrain.distributed``'s. ZeRO's partitioned fp32 master weights and Adam moments can be
+gathered into full tensors (:meth:`Engine.gather_full_state`) and scattered back into an engine of any world size
+and ZeRO stage (:meth:`Engine.load_full_state`): that is how a checkpoint saved on N ranks resumes on M ranks
+(DeepSpeed's own ZeRO files refuse a different data-parallel size).
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
-import socket
-from datetime import timedelta
 from typing import Any
 
 import deepspeed
 import torch
-from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
@@ -34,68 +29,10 @@ from deepspeed.utils import (
 )
 from torch import nn
 
-from ptrain.schema import EngineConfig, OptimConfig
+from ptrain import distributed as du
+from ptrain.configs import EngineConfig
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
-# Names that never get weight decay besides 1-D tensors (norms, biases, class embedding, log-temperature).
-_NO_DECAY_2D = re.compile(r"(token_embedding|position_embedding|position_embeddings)\.weight$")
-# CLIP parameters that CLIP4Clip freezes whatever freeze_layer_num >= 0 is (HF names).
-_CLIP_STEM = re.compile(r"^clip\.(vision_model\.embeddings|vision_model\.pre_layrnorm|text_model\.embeddings)\.")
-_CLIP_LAYER = re.compile(r"^clip\.(vision_model|text_model)\.encoder\.layers\.(\d+)\.")
-# Peak dense bf16/fp16 TFLOP/s of known accelerators (vendor datasheets, without sparsity).
-_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "V100": 125.0}
-
-
-# ----------------------------------------------------------------------------------------------
-# process group
-
-
-def on_cpu() -> bool:
-    return get_accelerator().device_name() == "cpu"
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(cfg: EngineConfig) -> None:
-    """Join the process group from RANK/WORLD_SIZE/MASTER_ADDR (set by the deepspeed launcher)."""
-    if "RANK" not in os.environ:  # plain `ptrain pretrain` without a launcher: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_loopback_port()))
-    deepspeed.init_distributed(timeout=timedelta(seconds=cfg.dist_timeout_s), verbose=False)
-    if not on_cpu():
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def device() -> torch.device:
-    return torch.device(get_accelerator().current_device_name())
-
-
-def device_name() -> str:
-    if on_cpu():
-        return f"cpu ({os.cpu_count()} cores)"
-    return get_accelerator().get_device_name() or get_accelerator().device_name()
-
-
-def peak_flops(cfg: EngineConfig) -> float | None:
-    """Peak FLOP/s of one device for MFU: the config value, else a known GPU's datasheet number."""
-    if cfg.peak_tflops > 0:
-        return cfg.peak_tflops * 1e12
-    if on_cpu() or cfg.precision == "fp32":
-        return None
-    name = device_name()
-    for key, tflops in _PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
-# DeepSpeed config
 
 
 def deepspeed_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
@@ -126,7 +63,7 @@ def deepspeed_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     comm = cfg.communication_dtype
-    if comm == "auto" and on_cpu() and cfg.precision != "fp32":
+    if comm == "auto" and not du.on_cuda() and cfg.precision != "fp32":
         comm = "fp32"  # gloo cannot reduce bf16 (pytorch/pytorch#111131)
     if comm != "auto":
         ds["communication_data_type"] = comm
@@ -148,7 +85,7 @@ def describe(ds: dict[str, Any], world_size: int, n_params: int, n_trainable: in
     return (
         f"DeepSpeed ZeRO-{ds['zero_optimization']['stage']} "
         f"{'bf16' if ds['bf16']['enabled'] else 'fp16' if ds['fp16']['enabled'] else 'fp32'} on {world_size} rank(s) "
-        f"({device_name()}); params {n_params / 1e6:.2f}M, trainable {n_trainable / 1e6:.2f}M\n"
+        f"({du.device_name()}); params {n_params / 1e6:.2f}M, trainable {n_trainable / 1e6:.2f}M\n"
         f"global batch {ds['train_batch_size']} = micro {micro} x ranks {world_size} x accumulation {accum}; "
         f"contrastive negatives per query {negatives} (= {how}; accumulation does not add negatives)\n"
         f"gradient clipping {ds['gradient_clipping'] or 'off'}; activation checkpointing "
@@ -156,151 +93,96 @@ def describe(ds: dict[str, Any], world_size: int, n_params: int, n_trainable: in
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# freezing, parameter groups, schedule
 
+class Engine:
+    """A model and its optimizer under DeepSpeed: forward, backward, step, the temperature clamp, full state, I/O.
 
-def freeze_clip_layers(model: nn.Module, freeze_layer_num: int) -> list[str]:
-    """CLIP4Clip freezing: k >= 0 freezes CLIP's embeddings, pre-norm and layers < k; -1 none. Returns names."""
-    frozen = []
-    if freeze_layer_num < 0:
-        return frozen
-    for name, p in model.named_parameters():
-        layer = _CLIP_LAYER.match(name)
-        if _CLIP_STEM.match(name) or (layer and int(layer.group(2)) < freeze_layer_num):
-            p.requires_grad_(False)
-            frozen.append(name)
-    return frozen
+    ``engine.module`` is the plain ``nn.Module`` (its parameters may be ZeRO-3 partitions); ``engine.optimizer``
+    exposes torch's ``param_groups`` (``ptrain.optim.set_lr`` works on it)."""
 
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: EngineConfig):
+        self.cfg = cfg
+        self.config = deepspeed_config(cfg, du.world_size())
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
 
-def _no_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim < 2 or bool(_NO_DECAY_2D.search(name)) or "logit_scale" in name
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
 
+    @property
+    def optimizer(self):
+        return self.ds.optimizer
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """{clip, new} x {decay, no_decay}; CLIP params and the temperature at lr * coef_lr."""
-    names = model.param_group_names() if hasattr(model, "param_group_names") else None
-    clip_names = set(names["clip"]) if names else None
-    buckets: dict[tuple[str, bool], list[torch.Tensor]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_clip = name in clip_names if clip_names is not None else name.startswith(("clip.", "logit_scale."))
-        buckets.setdefault(("clip" if is_clip else "new", _no_decay(name, p)), []).append(p)
-    groups = []
-    for (part, no_decay), params in sorted(buckets.items()):
-        base_lr = cfg.lr * (cfg.coef_lr if part == "clip" else 1.0)
-        groups.append(
-            {
-                "params": params,
-                "name": f"{part}_{'no_decay' if no_decay else 'decay'}",
-                "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-                "lr": base_lr,
-                "base_lr": base_lr,
-            }
+    def __call__(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        """DeepSpeed steps the optimizer at the accumulation boundary (call after every micro-batch)."""
+        self.ds.step()
+
+    def grad_norm(self) -> torch.Tensor | None:
+        """The last step's global gradient norm as a 0-dim tensor (not read on the host), or None."""
+        value = self.ds.get_global_grad_norm()
+        if value is None:
+            return None
+        return value.detach().reshape(()) if torch.is_tensor(value) else torch.tensor(float(value))
+
+    def clamp_(self, p: torch.Tensor, max_value: float) -> None:
+        """Clamp parameter ``p`` of the module to ``max_value`` in the optimizer's fp32 master (and the module copy);
+        a collective under ZeRO, no host synchronisation."""
+        _clamp_parameter_(p, max_value)
+
+    def gather_full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Full fp32 weights of every parameter and full Adam moments of the trainable ones (CPU tensors);
+        a collective: every rank must call it."""
+        return _gather_full_state(self.ds)
+
+    def load_full_state(self, weights, moments, step_count: int) -> None:
+        """Scatter full weights + Adam moments (from :meth:`gather_full_state`, any world size) into this engine."""
+        _load_full_state(self.ds, weights, moments, step_count)
+
+    def optimizer_step_count(self) -> int:
+        return _optimizer_step_count(self.ds)
+
+    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        """DeepSpeed's own checkpoint (every rank must call it)."""
+        self.ds.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, directory: str, tag: str) -> dict[str, Any]:
+        """Load DeepSpeed's own checkpoint (same world size and ZeRO stage); returns the client state."""
+        path, client = self.ds.load_checkpoint(
+            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
         )
-    return groups
+        if path is None:
+            raise FileNotFoundError(f"{directory}/{tag}: DeepSpeed found no checkpoint to load")
+        return client or {}
 
 
-def warmup_steps(cfg: OptimConfig, max_steps: int) -> int:
-    return cfg.warmup_steps if cfg.warmup_steps >= 0 else int(round(cfg.warmup_fraction * max_steps))
+# ----------------------------------------------------------------------------------------------
+# ZeRO state: the temperature clamp and the world-size-free consolidated form
 
 
-def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """LR factor for optimizer step ``step`` (0-based): linear warmup, then cosine (or constant)."""
-    warm = warmup_steps(cfg, max_steps)
-    if step < warm:
-        return (step + 1) / warm
-    if cfg.schedule == "constant" or max_steps <= warm:
-        return 1.0
-    progress = min(1.0, (step - warm) / max(1, max_steps - warm))
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def apply_group_hparams(engine, model: nn.Module, cfg: OptimConfig) -> None:
-    """Re-apply this config's per-group base lr and weight decay (after loading a checkpoint).
-
-    DeepSpeed's native load restores torch's param-group dicts as they were saved, so without this a
-    resumed run would silently keep the old ``optim.lr`` / ``coef_lr`` / ``weight_decay``."""
-    fresh = {g["name"]: g for g in param_groups(model, cfg)}
-    for group in engine.optimizer.param_groups:
-        ref = fresh.get(group.get("name"))
-        if ref is not None:
-            group["base_lr"], group["weight_decay"] = ref["base_lr"], ref["weight_decay"]
-
-
-def clamp_parameter_(p: torch.Tensor, max_value: float) -> bool:
+def _clamp_parameter_(p: torch.Tensor, max_value: float) -> None:
     """Clamp parameter ``p`` (of the engine's module) to ``max_value`` in the optimizer's fp32 master (and the
-    module copy).
+    module copy), without reading it on the host.
 
     A collective under ZeRO (every rank must call it). Used after each step for the log-temperature, as
     CLIP4Clip clamps it: a clamp inside the forward alone has zero gradient above the bound, so once an
-    update crossed it the temperature could never come back down. Returns whether it clamped."""
+    update crossed it the temperature could never come back down."""
     if not p.requires_grad:  # frozen (e.g. a tight head's unused temperature): nothing updates it
-        return False
+        return
     if _zero_managed(p):
         full = safe_get_full_fp32_param(p)
-        if full is None or float(full.max()) <= max_value:
-            return False
+        if full is None:
+            return
         safe_set_full_fp32_param(p, full.clamp(max=max_value))
         if p.numel() == full.numel():  # ZeRO-1/2: the module holds the whole (low-precision) copy
             p.data.clamp_(max=max_value)
-        return True
-    if float(p.data.max()) <= max_value:
-        return False
+        return
     p.data.clamp_(max=max_value)
-    return True
-
-
-def set_lr(engine, multiplier: float) -> dict[str, float]:
-    """Set every group's lr to base_lr * multiplier; returns {group name: lr}."""
-    out = {}
-    for group in engine.optimizer.param_groups:
-        group["lr"] = group["base_lr"] * multiplier
-        out[group.get("name", str(len(out)))] = group["lr"]
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# the engine
-
-
-def build_engine(model: nn.Module, optim_cfg: OptimConfig, cfg: EngineConfig):
-    """Wrap ``model`` in a DeepSpeed engine with AdamW over :func:`param_groups`. Returns (engine, ds_config)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    ds = deepspeed_config(cfg, world)
-    groups = param_groups(model, optim_cfg)
-    if not groups:
-        raise ValueError("no trainable parameters: optim.freeze_layer_num froze everything and the model has no head")
-    optimizer = torch.optim.AdamW(groups, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, foreach=False)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
-    return engine, ds
-
-
-def grad_norm(engine) -> float | None:
-    value = engine.get_global_grad_norm()
-    if value is None:
-        return None
-    return float(value.item() if torch.is_tensor(value) else value)
-
-
-# ----------------------------------------------------------------------------------------------
-# state: DeepSpeed's native files and the world-size-free consolidated form
-
-
-def save_native(engine, directory: str, tag: str, client_state: dict[str, Any]) -> None:
-    """DeepSpeed's own checkpoint (every rank must call it)."""
-    engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
-
-
-def load_native(engine, directory: str, tag: str) -> dict[str, Any]:
-    """Load DeepSpeed's own checkpoint (same world size and ZeRO stage); returns the client state."""
-    path, client = engine.load_checkpoint(
-        directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
-    )
-    if path is None:
-        raise FileNotFoundError(f"{directory}/{tag}: DeepSpeed found no checkpoint to load")
-    return client or {}
 
 
 def _base_optimizer(engine):
@@ -323,7 +205,7 @@ def _relink_zero12(engine) -> None:
         opt._lazy_init_hp_params_optimizer_state()
 
 
-def optimizer_step_count(engine) -> int:
+def _optimizer_step_count(engine) -> int:
     for state in _base_optimizer(engine).state.values():
         if "step" in state:
             s = state["step"]
@@ -331,7 +213,7 @@ def optimizer_step_count(engine) -> int:
     return 0
 
 
-def gather_full_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _gather_full_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Full fp32 weights of every parameter and full Adam moments of the trainable ones (CPU tensors).
 
     A collective: every rank must call it. Trainable weights come from the fp32 masters (not the
@@ -368,7 +250,7 @@ def persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def load_full_state(engine, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], step_count: int) -> None:
+def _load_full_state(engine, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], step_count: int) -> None:
     """Scatter full weights + Adam moments (from :func:`gather_full_state`, any world size) into ``engine``."""
     params = dict(engine.module.named_parameters())
     missing = sorted(set(params) - set(weights))
@@ -393,10 +275,10 @@ def load_full_state(engine, weights: dict[str, torch.Tensor], moments: dict[str,
         if not p.requires_grad:
             continue
         if _zero_managed(p):
-            safe_set_full_fp32_param(p, weights[name].to(device()))
+            safe_set_full_fp32_param(p, weights[name].to(du.device()))
             for key in ADAM_MOMENTS:
                 if f"{key}/{name}" in moments:
-                    safe_set_full_optimizer_state(p, moments[f"{key}/{name}"].to(device()), key)
+                    safe_set_full_optimizer_state(p, moments[f"{key}/{name}"].to(du.device()), key)
         elif p in base.state:
             for key in ADAM_MOMENTS:
                 if f"{key}/{name}" in moments:

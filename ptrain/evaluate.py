@@ -28,31 +28,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from ptrain import distributed as du
 from ptrain.data.config import DataConfig
 from ptrain.metrics import chunked_similarity, retrieval_metrics
 from ptrain.model.video_text import reverse_clips
-from ptrain.schema import EvalConfig, EvalDuringTrainConfig
+from ptrain.configs import EvalConfig, EvalDuringTrainConfig
+from ptrain.model.config import ModelConfig
 
 DIRECTION_PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-
-
-def _gather_rows(x: torch.Tensor) -> torch.Tensor:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.stack(parts, 0)  # [world, rows, ...]
-
-
-def _gather_objects(items: list) -> list[list]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [items]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, items)
-    return out
 
 
 def _rows_of(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -66,8 +51,7 @@ def embed(model, loader, max_samples: int = 0, reversed_too: bool = False) -> di
     """Text and video features of every valid eval sample, in global (shard, tar) order, on every rank.
     ``reversed_too``: also the features of every clip played backwards (key ``video_rev``)."""
     texts_f, videos_f, valid, pos, info, rev_f = [], [], [], [], [], []
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world, rank = du.world_size(), du.rank()
     B = None
     for j, batch in enumerate(loader):
         B = len(batch["keys"])
@@ -91,10 +75,9 @@ def embed(model, loader, max_samples: int = 0, reversed_too: bool = False) -> di
     text, video = torch.cat(texts_f), torch.cat(videos_f)
     valid_t, pos_t = torch.cat(valid), torch.cat(pos)
     # Ranks hold equal numbers of batches, so the gathers line up; then sort rows by global position.
-    text, video = _gather_rows(text).flatten(0, 1) if world > 1 else text, _gather_rows(video).flatten(0, 1) if world > 1 else video
-    valid_t = _gather_rows(valid_t).flatten(0, 1) if world > 1 else valid_t
-    pos_t = _gather_rows(pos_t).flatten(0, 1) if world > 1 else pos_t
-    info = [x for part in _gather_objects(info) for x in part]
+    text, video = du.all_gather_tensor(text), du.all_gather_tensor(video)
+    valid_t, pos_t = du.all_gather_tensor(valid_t), du.all_gather_tensor(pos_t)
+    info = [x for part in du.all_gather_objects(info) for x in part]
     order = torch.argsort(pos_t)
     keep = order[valid_t[order]]
     if max_samples:
@@ -172,14 +155,14 @@ def direction_probe(model, emb: dict[str, Any], sample_meta: str | Path, min_ove
     return out
 
 
-def evaluate_during_training(module, data_cfg: DataConfig, num_frames: int, frame_size: int, max_words: int,
+def evaluate_during_training(module, data_cfg: DataConfig, model_cfg: ModelConfig,
                              cfg: EvalDuringTrainConfig) -> dict[str, float]:
     """All ranks embed their share of ``data_cfg.eval_sources``; every rank returns the metrics."""
     from ptrain.data import build_eval_loader
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    loader = build_eval_loader(data_cfg, num_frames=num_frames, frame_size=frame_size, max_words=max_words,
-                               batch_size=cfg.batch_size, rank=rank, world_size=world)
+    loader = build_eval_loader(data_cfg, num_frames=model_cfg.num_frames, frame_size=model_cfg.frame_size,
+                               max_words=model_cfg.max_words, batch_size=cfg.batch_size, rank=du.rank(),
+                               world_size=du.world_size(), tokenizer=model_cfg.tokenizer or None)
     was_training = module.training
     module.eval()
     try:
@@ -210,7 +193,7 @@ def run(cfg: EvalConfig) -> int:
     mc = model.cfg
     data_cfg = DataConfig(num_workers=0)
     loader = build_eval_loader(data_cfg, num_frames=mc.num_frames, frame_size=mc.frame_size, max_words=mc.max_words,
-                               batch_size=cfg.batch_size, sources=list(cfg.shards))
+                               batch_size=cfg.batch_size, sources=list(cfg.shards), tokenizer=model.tokenizer_path)
     emb = embed(model, loader, cfg.max_samples, reversed_too=bool(cfg.probe.sample_meta))
     skipped = {k: v for k, v in loader.stats.items() if v and ("corrupt" in k or "missing" in k or "damaged" in k)}
     results: dict[str, Any] = {"export": str(export), "head": mc.head, "shards": list(cfg.shards)}

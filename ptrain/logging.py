@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ptrain.schema import LogConfig
+from ptrain.configs import LogConfig
 
 # Keys shown on the console line, in order, with their format.
 _CONSOLE = (

@@ -1,6 +1,8 @@
-"""Symmetric InfoNCE over the global batch (open_clip style), with multi-positive masks.
+"""Contrastive losses, computed by the training step from the model's features (never inside the model).
 
-    from ptrain.loss import contrastive_loss
+    from ptrain.loss import build_loss, contrastive_loss
+    loss_fn = build_loss(model_cfg)                       # the head's loss: InfoNCE, TAB's fused pair, or pairwise
+    loss, stats = loss_fn(model(frames, mask, ids, attn), group_ids_B)
     loss, stats = contrastive_loss(text_BD, video_BD, logit_scale, group_ids_B,
                                    local_loss=False, gather_with_grad=True)
 
@@ -21,6 +23,8 @@
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 
@@ -114,3 +118,35 @@ def pairwise_loss(logits_BB: torch.Tensor, group_ids_B: torch.Tensor | None = No
     loss_v2t = multi_positive_nce(logits_BB.t(), positive_BB)
     hits = _top1_hits(logits_BB.detach(), positive_BB)
     return 0.5 * (loss_t2v + loss_v2t), {"loss_t2v": loss_t2v.detach(), "loss_v2t": loss_v2t.detach(), "acc_t2v": hits}
+
+
+# (model features, group ids or None) -> (loss, detached stats)
+LossFn = Callable[[dict, Any], tuple]
+
+
+def build_loss(model_cfg: Any) -> LossFn:
+    """The loss of ``model_cfg``'s head over the features ``VideoTextModel.forward`` returns.
+
+    Loose heads: symmetric InfoNCE of ``text`` x ``video`` over the global batch (``local_loss`` and
+    ``gather_with_grad`` from the model config), with ``video_rev`` as extra text->video negatives. TAB: the
+    global loss and the alignment loss (``text_tab`` x ``video_tab``) fused as ``w * global + (1 - w) * tab``
+    (``tab_weight``), both reported. Tight heads: ``pairwise_loss`` on the cross encoder's local ``logits``."""
+    opts = dict(local_loss=model_cfg.local_loss, gather_with_grad=model_cfg.gather_with_grad)
+    w = model_cfg.tab_weight
+
+    def loss_fn(out: dict[str, torch.Tensor], group_ids: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        scale = out["logit_scale"]
+        if "logits" in out:
+            loss, stats = pairwise_loss(out["logits"], group_ids)
+            return loss, {"logit_scale": scale.detach(), **stats}
+        loss, stats = contrastive_loss(out["text"], out["video"], scale, group_ids, extra_video_BD=out.get("video_rev"),
+                                       **opts)
+        stats = {"logit_scale": scale.detach(), **stats}
+        if "text_tab" in out:
+            loss_tab, _ = contrastive_loss(out["text_tab"], out["video_tab"], scale, group_ids,
+                                           extra_video_BD=out.get("video_tab_rev"), **opts)
+            stats.update(loss_global=loss.detach(), loss_tab=loss_tab.detach())
+            loss = w * loss + (1 - w) * loss_tab
+        return loss, stats
+
+    return loss_fn

@@ -2,10 +2,11 @@
 
     keys = write_shards(tmp_path, num_shards=3, samples_per_shard=5, frames=[2, 4, 6], size=(32, 40))
 
-Format (ARCHITECTURE.md "The shard format"): ``<name>-NNNNNN.tar`` with members sorted by name
-(``KEY.000.jpg ... KEY.json KEY.txt``), fixed mtime/uid/gid, and a sidecar ``<name>-NNNNNN.json``
-written after the tar (``samples``, ``keys``, ``bytes``, ``sha256``, ...). Frame ``t`` of a sample is
-a textured image whose mean red value encodes ``t`` (``frame_level(t)``), so tests can tell frames apart.
+Format: ``ptrain/data/format.py`` (docs/format.md): ``<name>-NNNNNN.tar`` with members sorted by name
+(``KEY.000.jpg ... KEY.json KEY.txt``, encoded by ``encode_sample``), fixed mtime/uid/gid, and a sidecar
+``<name>-NNNNNN.json`` (``make_sidecar``) written after the tar. These writers build the tar themselves (USTAR,
+optionally without offsets) so that tests can also make shards the real writer never would. Frame ``t`` of a
+sample is a textured image whose mean red value encodes ``t`` (``frame_level(t)``), so tests can tell frames apart.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import simplejpeg
+
+from ptrain.data.format import encode_sample, make_sidecar, shard_stem
 
 
 def frame_level(t: int) -> int:
@@ -48,7 +51,7 @@ def write_shard(out: Path, name: str, index: int, samples: list[dict], offsets: 
     ``"extra": {suffix: bytes}`` adds more members (e.g. a ``.pyd`` that the loader must ignore).
     ``offsets``: also store each sample's ``[start, length]`` byte span in the sidecar."""
     out.mkdir(parents=True, exist_ok=True)
-    tar_path = out / f"{name}-{index:06d}.tar"
+    tar_path = out / f"{shard_stem(name, index)}.tar"
     members: list[tuple[str, bytes]] = []
     for s in samples:
         frames = s["frames"]
@@ -56,14 +59,12 @@ def write_shard(out: Path, name: str, index: int, samples: list[dict], offsets: 
             if frames else (0, 0)
         times = [0.5 + i for i in range(len(frames))]
         meta = {"video_id": s["video_id"], "clip_index": s.get("clip_index", 0), "start": 0.0,
-                "end": float(len(frames)), "frame_times": times, "captions": [s["caption"]], "fps": 25.0,
-                "width": w, "height": h,
-                "duration": 60.0}
-        for t, f in enumerate(frames):
-            jpg = f if isinstance(f, bytes) else simplejpeg.encode_jpeg(f, quality=90, colorspace="RGB")
-            members.append((f"{s['key']}.{t:03d}.jpg", jpg))
-        members.append((f"{s['key']}.json", json.dumps(meta).encode()))
-        members.append((f"{s['key']}.txt", s["caption"].encode("utf-8")))
+                "end": float(len(frames)), "frame_times": times, "captions": [s["caption"]], "text": s["caption"],
+                "segments": [{"start": 0.0, "end": float(len(frames)), "text": s["caption"]}], "fps": 25.0,
+                "width": w, "height": h, "duration": 60.0}
+        jpgs = [f if isinstance(f, bytes) else simplejpeg.encode_jpeg(f, quality=90, colorspace="RGB") for f in frames]
+        parts = encode_sample(s["key"], meta, jpgs)  # a sample without frames too: the loader must skip it
+        members.extend((f"{s['key']}.{suffix}", data) for suffix, data in parts.items())
         for suffix, data in s.get("extra", {}).items():
             members.append((f"{s['key']}.{suffix}", data))
     with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tf:
@@ -76,10 +77,11 @@ def write_shard(out: Path, name: str, index: int, samples: list[dict], offsets: 
             key = m.name.split(".", 1)[0]
             end = m.offset_data + -(-m.size // 512) * 512
             spans.setdefault(key, [m.offset, end])[1] = end
-    sidecar = {"samples": len(samples), "keys": [s["key"] for s in samples], "bytes": len(blob),
-               "sha256": hashlib.sha256(blob).hexdigest(), "plan_hash": "test", "versions": {"test": 1}}
-    if offsets:
-        sidecar["offsets"] = [[spans[s["key"]][0], spans[s["key"]][1] - spans[s["key"]][0]] for s in samples]
+    spans_list = [[spans[s["key"]][0], spans[s["key"]][1] - spans[s["key"]][0]] for s in samples]
+    sidecar = make_sidecar(tar_path.name, [s["key"] for s in samples], spans_list, len(blob),
+                           hashlib.sha256(blob).hexdigest(), plan_hash="test", versions={"test": 1})
+    if not offsets:
+        del sidecar["offsets"]
     (out / f"{name}-{index:06d}.json").write_text(json.dumps(sidecar))
     return tar_path
 

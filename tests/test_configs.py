@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from ptrain.config import ConfigError, load_config
-from ptrain.schema import EvalConfig, PretrainConfig
+from ptrain.configs import EvalConfig, PretrainConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -16,7 +16,7 @@ import torch
 from data_fixtures import make_frame, write_shard, write_shards
 from ptrain.config import load_config
 from ptrain.data import DataConfig, build_eval_loader, build_train_loader
-from ptrain.data.plan import SamplePlan
+from ptrain.data.order import SamplePlan
 from ptrain.data.shards import discover, expand_braces, index_tar
 
 SIZES = dict(num_frames=4, frame_size=32, max_words=16)
@@ -383,11 +383,14 @@ def test_two_weighted_sources_resampled_end_to_end(tmp_path):
 
 
 def test_rows_without_a_video_id_are_their_own_groups():
-    from ptrain.data.pipeline import ClipSpec, _Batch, group_id
+    from ptrain.data.format import Sample
+    from ptrain.data.sample import Batch, ClipSpec, group_id
+    from ptrain.model.tokenizer import get_tokenizer
 
-    batch = _Batch(3, ClipSpec(**SIZES))
+    batch = Batch(3, ClipSpec(**SIZES), get_tokenizer())
     for b, (key, vid) in enumerate([("a_0000", ""), ("b_0000", ""), ("c_0001", "c")]):
-        batch.fill(b, key, 1, "a caption", {"video_id": vid}, -1)  # index -1: a streamed sample
+        sample = Sample(key, "a caption", ["a caption"], {"video_id": vid})
+        batch.fill(b, sample, 1, -1)  # index -1: a streamed sample
     groups = batch.finish()["group_ids"].tolist()
     assert groups[2] == group_id("c") >= 0
     assert groups[0] < 0 and groups[1] < 0 and groups[0] != groups[1]  # never positives of each other

@@ -1,5 +1,5 @@
-"""ptrain.engine: DeepSpeed config derivation, parameter groups, freezing, the schedule, and the
-world-size-free state round trip on a real (single-process, CPU/gloo) DeepSpeed engine."""
+"""ptrain.engine (DeepSpeed config derivation, the Engine), ptrain.optim (parameter groups, the schedule),
+ptrain.model.freeze, and the world-size-free state round trip on a real (single-process, CPU/gloo) DeepSpeed engine."""
 
 import math
 import os
@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from net import free_port
+from ptrain import optim as O
+from ptrain.configs import EngineConfig, OptimConfig
+from ptrain.loss import build_loss
 from ptrain.model import ModelConfig
-from ptrain.schema import EngineConfig, OptimConfig
+from ptrain.model.freeze import freeze_clip_layers
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 E = pytest.importorskip("ptrain.engine")
@@ -68,15 +71,15 @@ def test_engine_config_rejects_bad_values():
 
 def test_lr_schedule_is_warmup_then_cosine():
     cfg = OptimConfig(warmup_steps=10, min_lr_ratio=0.1)
-    f = [E.lr_multiplier(s, cfg, 110) for s in range(110)]
+    f = [O.lr_multiplier(s, cfg, 110) for s in range(110)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a < b for a, b in zip(f[:10], f[1:10]))  # rising warmup
     assert f[10] == pytest.approx(1.0)
     assert f[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay
-    assert E.lr_multiplier(110, cfg, 110) == pytest.approx(0.1)
-    assert E.warmup_steps(OptimConfig(warmup_fraction=0.1), 1000) == 100
-    assert E.lr_multiplier(500, OptimConfig(warmup_steps=0, schedule="constant"), 1000) == 1.0
+    assert O.lr_multiplier(110, cfg, 110) == pytest.approx(0.1)
+    assert O.warmup_steps(OptimConfig(warmup_fraction=0.1), 1000) == 100
+    assert O.lr_multiplier(500, OptimConfig(warmup_steps=0, schedule="constant"), 1000) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------- groups
@@ -84,7 +87,7 @@ def test_lr_schedule_is_warmup_then_cosine():
 
 def test_param_groups_split_clip_new_and_no_decay():
     model = tiny_model()
-    groups = {g["name"]: g for g in E.param_groups(model, OptimConfig(lr=1e-4, coef_lr=1e-3, weight_decay=0.2))}
+    groups = {g["name"]: g for g in O.param_groups(model, OptimConfig(lr=1e-4, coef_lr=1e-3, weight_decay=0.2))}
     assert set(groups) == {"clip_decay", "clip_no_decay", "new_decay", "new_no_decay"}
     assert groups["clip_decay"]["lr"] == pytest.approx(1e-7) and groups["new_decay"]["lr"] == pytest.approx(1e-4)
     assert groups["clip_no_decay"]["weight_decay"] == 0.0 and groups["new_decay"]["weight_decay"] == 0.2
@@ -104,8 +107,8 @@ def test_param_groups_split_clip_new_and_no_decay():
 
 def test_freeze_layer_num_follows_clip4clip():
     model = tiny_model()
-    assert E.freeze_clip_layers(model, -1) == []
-    frozen = set(E.freeze_clip_layers(model, 1))
+    assert freeze_clip_layers(model, -1) == []
+    frozen = set(freeze_clip_layers(model, 1))
     assert "clip.vision_model.embeddings.patch_embedding.weight" in frozen
     assert "clip.text_model.embeddings.token_embedding.weight" in frozen
     assert "clip.vision_model.pre_layrnorm.weight" in frozen
@@ -127,7 +130,9 @@ def world_of_one():
     saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
-    E.init_distributed(EngineConfig())
+    from ptrain import distributed as du
+
+    du.init()
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -147,36 +152,41 @@ def _batch(seed, B=4):
 
 
 def _train(engine, steps, first=0):
-    losses = []
+    losses, loss_fn = [], build_loss(TINY)
     for s in range(first, first + steps):
-        out = engine(*_batch(s))
-        engine.backward(out["loss"])
+        *inputs, groups = _batch(s)
+        loss, _ = loss_fn(engine(*inputs), groups)
+        engine.backward(loss)
         engine.step()
-        losses.append(float(out["loss"].detach()))
+        losses.append(float(loss.detach()))
     return losses
+
+
+def _engine(model, optim: OptimConfig, cfg: EngineConfig):
+    return E.Engine(model, O.build_optimizer(model, optim), cfg)
 
 
 def test_full_state_round_trip_across_zero_stages(world_of_one):
     """Train at ZeRO-2, gather full fp32 weights + Adam moments, scatter them into a fresh ZeRO-3 and a
     ZeRO-0 engine: the next steps' losses equal the uninterrupted ZeRO-2 run's."""
     optim = OptimConfig(lr=3e-3, coef_lr=1.0, warmup_steps=0)
-    ref, _ = E.build_engine(tiny_model(), optim, EngineConfig(zero_stage=2, precision="fp32", micro_batch_size=4))
+    ref = _engine(tiny_model(), optim, EngineConfig(zero_stage=2, precision="fp32", micro_batch_size=4))
     _train(ref, 3)
-    weights, moments = E.gather_full_state(ref)
-    steps_done = E.optimizer_step_count(ref)
+    weights, moments = ref.gather_full_state()
+    steps_done = ref.optimizer_step_count()
     assert steps_done == 3
     assert set(k.split("/", 1)[0] for k in moments) == {"exp_avg", "exp_avg_sq"}
     assert all(v.dtype == torch.float32 for v in weights.values())
     expected = _train(ref, 3, first=3)
     for stage in (3, 0):
-        other, _ = E.build_engine(tiny_model(seed=123), optim, EngineConfig(zero_stage=stage, precision="fp32", micro_batch_size=4))
-        E.load_full_state(other, weights, moments, steps_done)
+        other = _engine(tiny_model(seed=123), optim, EngineConfig(zero_stage=stage, precision="fp32", micro_batch_size=4))
+        other.load_full_state(weights, moments, steps_done)
         got = _train(other, 3, first=3)
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), f"ZeRO-{stage}"
 
 
 def test_set_lr_reaches_the_optimizer(world_of_one):
-    engine, _ = E.build_engine(tiny_model(), OptimConfig(lr=1e-3, coef_lr=0.1), EngineConfig(zero_stage=1, precision="fp32", micro_batch_size=4))
-    lrs = E.set_lr(engine, 0.5)
+    engine = _engine(tiny_model(), OptimConfig(lr=1e-3, coef_lr=0.1), EngineConfig(zero_stage=1, precision="fp32", micro_batch_size=4))
+    lrs = O.set_lr(engine.optimizer, 0.5)
     assert lrs["new_decay"] == pytest.approx(5e-4) and lrs["clip_decay"] == pytest.approx(5e-5)
     assert sorted(g["lr"] for g in engine.optimizer.param_groups) == sorted(lrs.values())

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from net import free_port
-from ptrain.loss import contrastive_loss, multi_positive_nce, pairwise_loss
+from ptrain.loss import build_loss, contrastive_loss, multi_positive_nce, pairwise_loss
 
 
 def test_unique_groups_is_symmetric_cross_entropy():
@@ -71,10 +71,10 @@ def test_model_reversal_negatives_reverse_the_real_frames_only():
             torch.manual_seed(0)
             model = build_model(ModelConfig(clip="tiny", head=head, frame_size=16, num_frames=3, max_words=6,
                                             cross_layers=1, reverse_negatives=True))
-        out = model(frames, mask, ids, attn)
-        assert torch.isfinite(out["loss"])
+        loss, stats = build_loss(model.cfg)(model(frames, mask, ids, attn), None)
+        assert torch.isfinite(loss)
         # meanP cannot tell a clip from its reversal (all ties); a temporal head at random init already can
-        assert (float(out["acc_order"]) == 0.5) == order_blind, (head, out["acc_order"])
+        assert (float(stats["acc_order"]) == 0.5) == order_blind, (head, stats["acc_order"])
 
 
 def test_pairwise_loss_is_local_cross_entropy():
@@ -118,9 +118,9 @@ def _run_single():
     results = []
     for head, local_loss, groups, reverse in CASES:
         model = _model(head, local_loss, reverse)
-        out = model(*_batch(), torch.tensor(groups))
-        out["loss"].backward()
-        results.append((out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        loss, _ = build_loss(model.cfg)(model(*_batch()), torch.tensor(groups))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     return results
 
 
@@ -134,10 +134,10 @@ def _worker(rank, world, port, out_path):
         for head, local_loss, groups, reverse in CASES:
             model = _model(head, local_loss, reverse)
             frames, mask, ids, attn = (x[rank * 2 : rank * 2 + 2] for x in _batch())
-            out = model(frames, mask, ids, attn, torch.tensor(groups[rank * 2 : rank * 2 + 2]))
-            out["loss"].backward()
+            loss, _ = build_loss(model.cfg)(model(frames, mask, ids, attn), torch.tensor(groups[rank * 2 : rank * 2 + 2]))
+            loss.backward()
             # What DDP / DeepSpeed do: average gradients (and here the reported loss) over ranks.
-            loss = out["loss"].detach().clone()
+            loss = loss.detach().clone()
             dist.all_reduce(loss)
             grads = {}
             for n, p in model.named_parameters():
@@ -223,7 +223,7 @@ def test_two_gloo_ranks_loss_equals_one_process(tmp_path):
 
 
 def test_two_gloo_ranks_model_equals_one_process(tmp_path):
-    """The full model forward (loss inside forward) on 2 ranks == 1 process on the whole batch."""
+    """The full model forward + the step's loss on 2 ranks == 1 process on the whole batch."""
     distributed = _spawn(_worker, tmp_path)
     single = _run_single()
     for (head, local_loss, _, _), (loss1, grads1), (loss2, grads2) in zip(CASES, single, distributed):

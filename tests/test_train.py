@@ -11,7 +11,7 @@ import pytest
 
 from data_fixtures import write_shards
 from ptrain.config import load_config
-from ptrain.schema import PretrainConfig
+from ptrain.configs import PretrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -108,7 +108,7 @@ def test_rerun_resumes_and_finds_nothing_to_do(trained):
 def test_resume_applies_the_new_learning_rate_and_logs_each_step_once(trained, tmp_path):
     import shutil
 
-    from ptrain.engine import lr_multiplier
+    from ptrain.optim import lr_multiplier
 
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)

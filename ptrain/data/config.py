@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ptrain.config import opt
+from ptrain.config import Invalid, Problems, opt
 
 
 def normalize_sources(entries: list[Any], field: str) -> list[dict[str, Any]]:
@@ -85,24 +85,22 @@ class DataConfig:
     )
 
     def __post_init__(self):
-        self.sources = normalize_sources(self.sources, "sources")
-        self.eval_sources = normalize_sources(self.eval_sources, "eval_sources")
-        if not self.resampled and len({s["weight"] for s in self.sources}) > 1:
-            raise ValueError(
+        p = Problems()
+        for field in ("sources", "eval_sources"):
+            try:
+                setattr(self, field, normalize_sources(getattr(self, field), field))
+            except ValueError as e:
+                p.append(Invalid(field, str(e)))
+        p.check(self.resampled or len({s["weight"] for s in self.sources if isinstance(s, dict)}) <= 1, "sources",
                 "sources have different weights but resampled is false; weighted mixing draws samples with "
-                "replacement, so set resampled=true (and samples_per_epoch) or give every source the same weight"
-            )
-        if self.samples_per_epoch < 0:
-            raise ValueError(f"samples_per_epoch must be >= 0, got {self.samples_per_epoch}")
-        if self.samples_per_epoch and not self.resampled:
-            raise ValueError("samples_per_epoch is only used with resampled=true; set resampled=true or remove it")
-        if self.shuffle_shards < 1:
-            raise ValueError(f"shuffle_shards must be at least 1, got {self.shuffle_shards}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.prefetch_factor < 1:
-            raise ValueError(f"prefetch_factor must be at least 1, got {self.prefetch_factor}")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
-        if self.max_substitutes < 1:
-            raise ValueError(f"max_substitutes must be at least 1, got {self.max_substitutes}")
+                "replacement, so set resampled=true (and samples_per_epoch) or give every source the same weight",
+                also=("resampled",))
+        p.check(self.samples_per_epoch >= 0, "samples_per_epoch", f"samples_per_epoch must be >= 0, got {self.samples_per_epoch}")
+        p.check(not (self.samples_per_epoch and not self.resampled), "samples_per_epoch",
+                "samples_per_epoch is only used with resampled=true; set resampled=true or remove it", also=("resampled",))
+        p.check(self.shuffle_shards >= 1, "shuffle_shards", f"shuffle_shards must be at least 1, got {self.shuffle_shards}")
+        p.check(self.num_workers >= 0, "num_workers", f"num_workers must be >= 0, got {self.num_workers}")
+        p.check(self.prefetch_factor >= 1, "prefetch_factor", f"prefetch_factor must be at least 1, got {self.prefetch_factor}")
+        p.check(0 < self.min_scale <= 1, "min_scale", f"min_scale must be in (0, 1], got {self.min_scale}")
+        p.check(self.max_substitutes >= 1, "max_substitutes", f"max_substitutes must be at least 1, got {self.max_substitutes}")
+        p.raise_any()

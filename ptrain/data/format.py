@@ -111,7 +111,8 @@ class Sample:
 
     @property
     def video_id(self) -> str:
-        return str(self.meta.get("video_id") or self.key.rsplit("_", 1)[0])
+        """The video's id; '' only when the JSON says so (the row is then its own contrastive group)."""
+        return str(self.meta["video_id"]) if "video_id" in self.meta else self.key.rsplit("_", 1)[0]
 
 
 def encode_sample(key: str, meta: dict[str, Any], frames: list[bytes], text: str | None = None) -> dict[str, bytes]:

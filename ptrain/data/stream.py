@@ -1,4 +1,4 @@
-"""The fallback for shards that cannot be seeked: URLs and ``pipe:`` commands, read front to back.
+"""The URL stream: the fallback for shards that cannot be seeked (URLs and ``pipe:`` commands), read front to back.
 
     sources: ["https://host/howto/shard-{000000..000999}.tar"]     # or "pipe:aws s3 cp s3://b/x-{..}.tar -"
 
@@ -29,7 +29,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ptrain.data import jpeg
-from ptrain.data.pipeline import SampleError, TrainStream, _Batch, _worker, decode_sample
+from ptrain.data.sample import SampleError, decode_clip, worker_slot
+from ptrain.data.seekable import TrainStream, batch_stats
 from ptrain.data.shards import Shard, iter_tar_stream, open_stream
 
 
@@ -84,32 +85,32 @@ class StreamTrainStream(TrainStream):
                 stats["shards_unreadable"] += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        wid, nw = _worker()
+        wid, nw = worker_slot()
         plan = self.make_plan()
         me, streams = self.rank * nw + wid, self.world * nw
         rng = np.random.default_rng([self.seed, self.start_step, me, 0x57])
         buffer: list[tuple[tuple[int, ...], str, dict[str, bytes]]] = []  # shuffle buffer of encoded samples
         stats: Counter = Counter()  # one object for the whole run: iter_tar_stream adds to it too
-        batch, filled, m = _Batch(self.micro, self.spec), 0, self.start_step * self.accum + wid
+        batch, filled, m = self.new_batch(), 0, self.start_step * self.accum + wid
         for item in self._samples(plan, me, streams, stats):
             buffer.append(item)
             if len(buffer) < 8 * self.micro:
                 continue
             seed, key, members = buffer.pop(int(rng.integers(len(buffer))))
             try:
-                n, caption, meta = decode_sample(
-                    members, self.spec, np.random.default_rng([*seed, 0xA06]), batch.frames_BTHWC[filled]
-                )
+                sample, n = decode_clip(members, self.spec, np.random.default_rng([*seed, 0xA06]),
+                                        batch.frames_BTHWC[filled])
             except (SampleError, jpeg.JpegError):  # skipped: the next buffered sample takes the row
                 stats["samples_corrupt"] += 1
-                batch.frames_BTHWC[filled] = 0
+                batch.blank(filled)
                 continue
-            batch.fill(filled, key, n, caption, meta, -1)
+            sample.key = key
+            batch.fill(filled, sample, n, -1)
             filled += 1
             if filled == self.micro:
                 out = batch.finish()
                 out["step"], out["micro_step"] = m // self.accum, m % self.accum
-                out["_stats"] = dict(stats, _damaged=[])
+                out["_stats"] = batch_stats(stats, batch, [])
                 stats.clear()
                 yield out
-                batch, filled, m = _Batch(self.micro, self.spec), 0, m + nw
+                batch, filled, m = self.new_batch(), 0, m + nw

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig
 
-import ptrain
+from ptrain.version import __version__
 from ptrain.model.clip import clip_from_hf_state
 from ptrain.model.config import ModelConfig
 from ptrain.model.tokenizer import DEFAULT_VOCAB
@@ -92,7 +92,7 @@ def _ptrain_section(model: VideoTextModel, log_scale: torch.Tensor, vocab: str) 
     shipped = not cfg.tokenizer  # '' = the shipped vocabulary (a loaded model reads the export's copy of it)
     return {
         "format_version": FORMAT_VERSION,
-        "ptrain_version": ptrain.__version__,
+        "ptrain_version": __version__,
         # tokenizer: '' = the shipped CLIP vocabulary, else the copy inside the export (relative).
         "model": {**asdict(cfg), "tokenizer": "" if shipped else vocab},
         "normalization": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "input": "RGB in [0, 1] after /255"},

@@ -7,9 +7,10 @@
 init at that size), a local Hugging Face CLIP directory or hub id (``CLIPModel.from_pretrained``),
 or an OpenAI checkpoint file ``*.pt`` (TorchScript or plain state dict, converted to the HF layout).
 
-Heads (``head``): ``meanP``, ``seqLSTM``, ``seqTransf``, ``tightTransf`` (CLIP4Clip); ``TDB``
-(seqTransf + CLIP2Video's temporal difference block) and ``TAB`` (CLIP2Video's temporal alignment
-block on top of the ``tab_global`` branch; ``head=TAB`` with defaults is the released CLIP2Video).
+Heads (``head``) are the rows of ``ptrain/model/registry.py``: ``meanP``, ``seqLSTM``, ``seqTransf``,
+``tightTransf`` (CLIP4Clip); ``TDB`` (seqTransf + CLIP2Video's temporal difference block) and ``TAB``
+(CLIP2Video's temporal alignment block beside the ``tab_global`` branch; ``head=TAB`` with defaults is the
+released CLIP2Video).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ptrain.config import opt
+from ptrain.config import Problems, opt
+from ptrain.model.registry import HEAD_NAMES, TAB_GLOBAL_HEADS, global_spec, head_spec
 
 # CLIP's image normalisation (OpenAI preprocessing); the model applies it to uint8 frames, exports record it
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-HEADS = ("meanP", "seqLSTM", "seqTransf", "tightTransf", "TDB", "TAB")
+HEADS = HEAD_NAMES
 NAMED_SIZES = ("tiny", "ViT-B/32", "ViT-B/16", "ViT-L/14")
 
 
@@ -32,7 +34,7 @@ class ModelConfig:
     """The video-text model: CLIP backbone, temporal head, loss options."""
 
     clip: str = opt("tiny", "backbone: tiny | ViT-B/32 | ViT-B/16 | ViT-L/14 (random init), a HF dir/id, or an OpenAI .pt")
-    head: Literal["meanP", "seqLSTM", "seqTransf", "tightTransf", "TDB", "TAB"] = opt(
+    head: Literal[HEAD_NAMES] = opt(
         "meanP", "similarity head (CLIP4Clip: meanP seqLSTM seqTransf tightTransf; CLIP2Video: TDB TAB)"
     )
     num_frames: int = opt(12, "frames per clip (T); clips with fewer frames are padded and masked")
@@ -43,7 +45,7 @@ class ModelConfig:
     tdb_proj: Literal["raw", "sigmoid_mlp", "sigmoid_selfA"] = opt(
         "sigmoid_selfA", "TDB difference transform: raw subtraction, 2*sigmoid(LN(d W))-1, or 1-layer attention + sigmoid"
     )
-    tab_global: Literal["TDB", "seqTransf"] = opt("TDB", "head=TAB: the global branch fused with the alignment score")
+    tab_global: Literal[TAB_GLOBAL_HEADS] = opt("TDB", "head=TAB: the global branch fused with the alignment score")
     tab_centers: int = opt(5, "head=TAB: number K of shared alignment centres")
     tab_motion: Literal["none", "TAB", "TAB_TDB"] = opt(
         "TAB_TDB", "head=TAB: extra motion tokens from every 2nd frame: none, 1-layer transformer, or TDB + transformer"
@@ -68,35 +70,35 @@ class ModelConfig:
     tokenizer: str = opt("", "tokenizer vocabulary: '' = the CLIP BPE file shipped in ptrain/model/, or a HF tokenizer dir")
 
     def __post_init__(self):
-        if self.num_frames < 1:
-            raise ValueError(f"num_frames must be at least 1, got {self.num_frames}.")
-        if self.max_words < 2:
-            raise ValueError(f"max_words must be at least 2 (room for SOT and EOT), got {self.max_words}.")
-        if self.max_words > 77:
-            raise ValueError(f"max_words is {self.max_words} but CLIP's text position table has 77 rows; use at most 77.")
-        if self.frame_size < 8:
-            raise ValueError(f"frame_size must be at least 8 pixels, got {self.frame_size}.")
-        if self.cross_layers < 1:
-            raise ValueError(f"cross_layers must be at least 1, got {self.cross_layers}.")
-        if self.head == "TAB":
-            if self.tab_centers < 1:
-                raise ValueError(f"tab_centers must be at least 1, got {self.tab_centers}.")
-            if not 0.0 <= self.tab_weight <= 1.0:
-                raise ValueError(f"tab_weight must lie in [0, 1], got {self.tab_weight}.")
-            if self.tab_motion == "TAB_TDB" and self.tab_global != "TDB":
-                raise ValueError(
+        p = Problems()
+        p.check(self.num_frames >= 1, "num_frames", f"num_frames must be at least 1, got {self.num_frames}")
+        p.check(self.max_words >= 2, "max_words", f"max_words must be at least 2 (room for SOT and EOT), got {self.max_words}")
+        p.check(self.max_words <= 77, "max_words",
+                f"max_words is {self.max_words} but CLIP's text position table has 77 rows; use at most 77")
+        p.check(self.frame_size >= 8, "frame_size", f"frame_size must be at least 8 pixels, got {self.frame_size}")
+        p.check(self.cross_layers >= 1, "cross_layers", f"cross_layers must be at least 1, got {self.cross_layers}")
+        spec = head_spec(self.head)
+        if spec.alignment:
+            p.check(self.tab_centers >= 1, "tab_centers", f"tab_centers must be at least 1, got {self.tab_centers}")
+            p.check(0.0 <= self.tab_weight <= 1.0, "tab_weight", f"tab_weight must lie in [0, 1], got {self.tab_weight}")
+            p.check(not (self.tab_motion == "TAB_TDB" and self.tab_global != "TDB"), "tab_motion",
                     "tab_motion=TAB_TDB shares the TDB block of the global branch; set tab_global=TDB or "
-                    "choose tab_motion=TAB or none."
-                )
-        if self.head == "tightTransf" and 1 + self.num_frames > 77:
-            raise ValueError(f"tightTransf feeds 1 + num_frames tokens through a 77-row position table; num_frames={self.num_frames} is too many.")
-        if self.reverse_negatives and self.head == "tightTransf":
-            raise ValueError("reverse_negatives is not supported with head=tightTransf (its loss scores local "
-                             "pairs in the cross encoder); use a loose temporal head such as seqTransf or TDB.")
-        if not 0.0 <= self.tight_dropout < 1.0:
-            raise ValueError(f"tight_dropout must lie in [0, 1), got {self.tight_dropout}.")
-        if self.logit_scale_init < 0 or self.max_logit_scale <= 0:
-            raise ValueError("logit_scale_init must be >= 0 (0 = default) and max_logit_scale > 0.")
+                    "choose tab_motion=TAB or none", also=("tab_global",))
+            p.check(self.tab_motion == "none" or global_spec(self).frame_positions, "tab_motion",
+                    f"tab_motion={self.tab_motion} uses the frame position table of the global branch, which "
+                    f"tab_global={self.tab_global} has not; set tab_motion=none (as CLIP2Video must with sim_type=meanP) "
+                    "or tab_global=TDB or seqTransf", also=("tab_global",))
+        p.check(not (spec.tight and 1 + self.num_frames > 77), "num_frames",
+                f"{self.head} feeds 1 + num_frames tokens through a 77-row position table; "
+                f"num_frames={self.num_frames} is too many", also=("head",))
+        p.check(not (self.reverse_negatives and spec.tight), "reverse_negatives",
+                f"reverse_negatives is not supported with head={self.head} (its loss scores local pairs in the "
+                "cross encoder); use a loose temporal head such as seqTransf or TDB", also=("head",))
+        p.check(0.0 <= self.tight_dropout < 1.0, "tight_dropout", f"tight_dropout must lie in [0, 1), got {self.tight_dropout}")
+        p.check(self.logit_scale_init >= 0, "logit_scale_init",
+                f"logit_scale_init must be >= 0 (0 = default), got {self.logit_scale_init}")
+        p.check(self.max_logit_scale > 0, "max_logit_scale", f"max_logit_scale must be > 0, got {self.max_logit_scale}")
+        p.raise_any()
 
 
 @dataclass
@@ -111,7 +113,9 @@ class ConvertConfig:
     head: str = opt("auto", "head to build; auto infers it from the checkpoint keys")
     num_frames: int = opt(12, "frames per clip the exported model expects")
     max_words: int = opt(32, "text length the exported model uses")
-    tab_motion: Literal["TAB", "TAB_TDB"] = opt("TAB_TDB", "CLIP2Video center_proj (not recoverable from the keys)")
+    tab_motion: Literal["none", "TAB", "TAB_TDB"] = opt(
+        "TAB_TDB", "CLIP2Video center_proj (TAB or TAB_TDB are not told apart by the keys; none when there is no "
+        "actionClip, as with sim_type=meanP)")
     tab_weight: float = opt(0.5, "CLIP2Video center_weight")
     compat: Literal["auto", "true", "false"] = opt(
         "auto", "reference quirks: auto = on for CLIP2Video (its released numbers depend on them), off for CLIP4Clip"
@@ -119,5 +123,7 @@ class ConvertConfig:
     overwrite: bool = opt(False, "replace an existing export directory")
 
     def __post_init__(self):
-        if self.head != "auto" and self.head not in HEADS:
-            raise ValueError(f"head must be auto or one of {', '.join(HEADS)}, got {self.head!r}.")
+        p = Problems()
+        p.check(self.head == "auto" or self.head in HEADS, "head",
+                f"head must be auto or one of {', '.join(HEADS)}, got {self.head!r}")
+        p.raise_any()

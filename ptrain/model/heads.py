@@ -35,6 +35,10 @@ def _arange_positions(table: nn.Embedding, batch: int, length: int, device) -> t
 class MeanP(nn.Module):
     """Parameter-free masked mean of the frame embeddings."""
 
+    @classmethod
+    def from_config(cls, cfg, dim: int, heads: int, positions: int) -> "MeanP":
+        return cls()
+
     def forward(self, video_BTD, mask_BT):
         return masked_mean_pool(video_BTD, mask_BT)
 
@@ -49,6 +53,10 @@ class SeqLSTM(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.lstm_visual = nn.LSTM(dim, dim, num_layers=1, batch_first=True)
+
+    @classmethod
+    def from_config(cls, cfg, dim: int, heads: int, positions: int) -> "SeqLSTM":
+        return cls(dim)
 
     def forward(self, video_BTD, mask_BT):
         lengths = mask_BT.sum(dim=-1).clamp(min=1).cpu()
@@ -68,6 +76,10 @@ class SeqTransf(nn.Module):
         super().__init__()
         self.frame_position_embeddings = nn.Embedding(positions, dim)
         self.transformerClip = Transformer(dim, layers, heads, head_major)
+
+    @classmethod
+    def from_config(cls, cfg, dim: int, heads: int, positions: int) -> "SeqTransf":
+        return cls(dim, cfg.cross_layers, heads, positions, cfg.compat)
 
     def temporal(self, video_BTD, mask_BT):
         B, T, _ = video_BTD.shape
@@ -147,6 +159,10 @@ class TDBHead(nn.Module):
         self.transformerClip = Transformer(dim, layers, heads, head_major=compat)
         self.tdb = TemporalDifference(dim, proj, heads, compat)
 
+    @classmethod
+    def from_config(cls, cfg, dim: int, heads: int, positions: int) -> "TDBHead":
+        return cls(dim, cfg.cross_layers, heads, positions, cfg.tdb_proj, cfg.compat)
+
     def forward(self, video_BTD, mask_BT):
         B, T, _ = video_BTD.shape
         pos = _arange_positions(self.frame_position_embeddings, B, T, video_BTD.device)
@@ -203,6 +219,10 @@ class TemporalAlignment(nn.Module):
         if motion in ("TAB", "TAB_TDB"):
             self.actionClip = Transformer(dim, 1, heads, head_major=compat)
 
+    @classmethod
+    def from_config(cls, cfg, dim: int, heads: int, positions: int) -> "TemporalAlignment":
+        return cls(dim, heads, cfg.tab_centers, cfg.tab_motion, cfg.compat)
+
     def video(self, video_BTD, mask_BT, global_head) -> torch.Tensor:
         tokens, mask = video_BTD, mask_BT
         if self.motion != "none":
@@ -257,9 +277,20 @@ class CrossEncoder(nn.Module):
 
 
 class TightTransf(nn.Module):
+    """CLIP4Clip's tight head: the cross encoder scores every (text, video) pair."""
+
     def __init__(self, dim: int, layers: int, heads: int, positions: int, dropout: float, head_major: bool = False):
         super().__init__()
         self.cross = CrossEncoder(dim, layers, heads, positions, dropout, head_major)
+
+    @classmethod
+    def from_config(cls, cfg, dim: int, heads: int, positions: int) -> "TightTransf":
+        # the text token takes position 0, so the table needs one row more than the frames
+        return cls(dim, cfg.cross_layers, heads, max(positions, 1 + cfg.num_frames), cfg.tight_dropout, cfg.compat)
+
+    @property
+    def max_frames(self) -> int:
+        return self.cross.position_embeddings.num_embeddings - 1
 
     def forward(self, text_ND, video_MTD, mask_MT, pair_chunk: int = 4096):
         """All pairs -> logits [N, M], text rows in chunks of ~``pair_chunk`` pairs (bounded memory)."""

@@ -1,9 +1,10 @@
-"""``VideoTextModel``: a CLIP backbone (vision tower per frame, text tower) + a temporal head + the loss.
+"""``VideoTextModel``: a CLIP backbone (vision tower per frame, text tower) + a temporal head; returns features.
 
     from ptrain.model import ModelConfig, build_model
+    from ptrain.loss import build_loss
     model = build_model(ModelConfig(clip="tiny", head="seqTransf", frame_size=32))
-    out = model(frames_BTCHW, frame_mask_BT, input_ids_BL, attention_mask_BL, group_ids_B)
-    out["loss"].backward()                    # the distributed InfoNCE, computed inside forward
+    out = model(frames_BTCHW, frame_mask_BT, input_ids_BL, attention_mask_BL)   # features (see forward)
+    loss, stats = build_loss(model.cfg)(out, group_ids_B)                         # the step computes the loss
 
     text_N = model.encode_text(["a dog runs"])              # or ids [N, L] (+ attention_mask)
     video_M = model.encode_video(frames_BTCHW, frame_mask_BT)
@@ -31,11 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptrain.loss import contrastive_loss, pairwise_loss
 from ptrain.model.clip import build_clip
 from ptrain.model.config import CLIP_MEAN, CLIP_STD, ModelConfig
-from ptrain.model.heads import MeanP, SeqLSTM, SeqTransf, TDBHead, TemporalAlignment, TightTransf
-
+from ptrain.model.registry import build_head_class, global_spec, head_flops, head_spec, transformer_flops
 
 
 def reverse_clips(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
@@ -54,7 +53,7 @@ class LogitScale(nn.Module):
     pushed past ln ``max_scale`` gets no gradient through the loss and cannot come back (Adam's
     momentum and weight decay may even move it further). The trainer therefore also clamps it after
     every optimizer step, as CLIP4Clip does, in DeepSpeed's fp32 master copy
-    (``ptrain.engine.clamp_parameter_``); a plain PyTorch loop calls ``clamp_()`` after its step.
+    (``ptrain.engine.Engine.clamp_``); a plain PyTorch loop calls ``clamp_()`` after its step.
     The two together bound the parameter itself, and the clamp in forward keeps every use of the
     scale within the bound."""
 
@@ -70,7 +69,7 @@ class LogitScale(nn.Module):
     def clamp_(self) -> "LogitScale":
         """Clamp the parameter's data to at most ln ``max_scale`` in place (call after each step of a
         plain PyTorch optimizer; under DeepSpeed the master copy lives in the optimizer: use
-        ``ptrain.engine.clamp_parameter_``)."""
+        ``ptrain.engine.Engine.clamp_``)."""
         self.log_scale.data.clamp_(max=self.max_log)
         return self
 
@@ -89,20 +88,10 @@ class VideoTextModel(nn.Module):
         if dim % heads:
             heads = max(h for h in range(1, dim + 1) if dim % h == 0 and h <= heads)
         positions = max(text_cfg.max_position_embeddings, cfg.num_frames)
-        self.max_frames = positions
-        head_name = cfg.tab_global if cfg.head == "TAB" else cfg.head
-        if head_name == "meanP":
-            self.head = MeanP()
-        elif head_name == "seqLSTM":
-            self.head = SeqLSTM(dim)
-        elif head_name == "seqTransf":
-            self.head = SeqTransf(dim, cfg.cross_layers, heads, positions, cfg.compat)
-        elif head_name == "TDB":
-            self.head = TDBHead(dim, cfg.cross_layers, heads, positions, cfg.tdb_proj, cfg.compat)
-        elif head_name == "tightTransf":
-            self.head = TightTransf(dim, cfg.cross_layers, heads, max(positions, 1 + cfg.num_frames), cfg.tight_dropout, cfg.compat)
-            self.max_frames = max(positions, 1 + cfg.num_frames) - 1  # the text token takes position 0
-        self.tab = TemporalAlignment(dim, heads, cfg.tab_centers, cfg.tab_motion, cfg.compat) if cfg.head == "TAB" else None
+        self.spec, global_head = head_spec(cfg.head), global_spec(cfg)
+        self.head = build_head_class(global_head).from_config(cfg, dim, heads, positions)
+        self.max_frames = getattr(self.head, "max_frames", positions)
+        self.tab = build_head_class(self.spec).from_config(cfg, dim, heads, positions) if self.spec.alignment else None
         # New modules start from CLIP's text blocks / position table, like the papers (skipped when
         # the caller loads a full state dict next).
         ok = not init_from_clip or self.head.init_from_clip(clip) is not False
@@ -134,7 +123,7 @@ class VideoTextModel(nn.Module):
 
     @property
     def is_tight(self) -> bool:
-        return isinstance(self.head, TightTransf)
+        return self.spec.tight
 
     def _param_dtype(self) -> torch.dtype:
         return self.clip.visual_projection.weight.dtype
@@ -198,36 +187,34 @@ class VideoTextModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # training
 
-    def forward(self, frames, frame_mask, input_ids, attention_mask, group_ids=None) -> dict:
-        """The training step's forward: returns {"loss", "logit_scale", per-term stats} (stats detached)."""
+    def forward(self, frames, frame_mask, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+        """The training forward: the features the loss needs (``ptrain.loss.build_loss`` computes the loss).
+
+        Loose heads: ``text`` and ``video`` [B, D], L2-normalised, and ``logit_scale`` (clamped, with gradient);
+        with ``reverse_negatives`` also ``video_rev`` (every clip played backwards); TAB adds ``text_tab``,
+        ``video_tab`` (and ``video_tab_rev``). Tight heads: ``logits`` [B, B], the cross encoder's score of every
+        local (text, video) pair, and the unused ``logit_scale`` (detached)."""
         # Heads run in the parameters' dtype (bf16 under DeepSpeed); the loss casts to fp32.
         video_BTD = self.frame_features(frames, frame_mask)
         text_BD, tokens_BLD = self.text_features(input_ids, all_tokens=self.tab is not None)
         frame_mask = frame_mask.to(video_BTD.device)
         scale = self.logit_scale()
         if self.is_tight:
-            loss, stats = pairwise_loss(self.head(text_BD, video_BTD, frame_mask), group_ids)
-            return {"loss": loss, "logit_scale": scale.detach(), **stats}
+            return {"logits": self.head(text_BD, video_BTD, frame_mask), "logit_scale": scale.detach()}
         global_BD, tab_BD = self._video_vectors(video_BTD, frame_mask)
-        rev_global_BD = rev_tab_BD = None
+        out = {"text": F.normalize(text_BD, dim=-1), "video": global_BD, "logit_scale": scale}
         if self.cfg.reverse_negatives:
             # every clip played backwards, a negative for its own caption: the head must read frame order
             if self.cfg.linear_patch == "3d":  # the 3D kernel mixes neighbouring frames: encode them again
                 rev_BTD = self.frame_features(reverse_clips(frames, frame_mask), frame_mask)
             else:
                 rev_BTD = reverse_clips(video_BTD, frame_mask)
-            rev_global_BD, rev_tab_BD = self._video_vectors(rev_BTD, frame_mask)
-        opts = dict(local_loss=self.cfg.local_loss, gather_with_grad=self.cfg.gather_with_grad)
-        loss, stats = contrastive_loss(F.normalize(text_BD, dim=-1), global_BD, scale, group_ids,
-                                       extra_video_BD=rev_global_BD, **opts)
-        out = {"logit_scale": scale.detach(), **stats}
+            out["video_rev"], rev_tab_BD = self._video_vectors(rev_BTD, frame_mask)
+            if rev_tab_BD is not None:
+                out["video_tab_rev"] = rev_tab_BD
         if self.tab is not None:
-            text_tab = self.tab.text(tokens_BLD, attention_mask.to(video_BTD.device))
-            loss_tab, _ = contrastive_loss(text_tab, tab_BD, scale, group_ids, extra_video_BD=rev_tab_BD, **opts)
-            w = self.cfg.tab_weight
-            out.update(loss_global=loss.detach(), loss_tab=loss_tab.detach())
-            loss = w * loss + (1 - w) * loss_tab
-        out["loss"] = loss
+            out["text_tab"] = self.tab.text(tokens_BLD, attention_mask.to(video_BTD.device))
+            out["video_tab"] = tab_BD
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -313,32 +300,14 @@ class VideoTextModel(nn.Module):
         cfg, vc, tc = self.cfg, self.clip.config.vision_config, self.clip.config.text_config
         dim, T, L = self.clip.config.projection_dim, cfg.num_frames, cfg.max_words
 
-        def layers(n, d, mlp, count):
-            return count * (2 * n * (4 * d * d + 2 * d * mlp) + 4 * n * n * d)
-
         patches = (vc.image_size // vc.patch_size) ** 2
         kernel = 3 * vc.patch_size**2 * (3 if cfg.linear_patch == "3d" else 1)
-        frame = 2 * patches * kernel * vc.hidden_size + layers(patches + 1, vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers)
+        frame = 2 * patches * kernel * vc.hidden_size + transformer_flops(
+            patches + 1, vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers)
         frame += 2 * vc.hidden_size * dim
-        text = layers(L, tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers)
+        text = transformer_flops(L, tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers)
         text += 2 * tc.hidden_size * dim * (L if self.tab is not None else 1)
-        head_name = cfg.tab_global if cfg.head == "TAB" else cfg.head
-        head = 0
-        if head_name == "seqLSTM":
-            head = T * 2 * 4 * dim * (2 * dim)
-        elif head_name == "seqTransf":
-            head = layers(T, dim, 4 * dim, cfg.cross_layers)
-        elif head_name == "TDB":
-            head = layers(2 * T - 1, dim, 4 * dim, cfg.cross_layers)
-            head += {"sigmoid_selfA": layers(T - 1, dim, 4 * dim, 1), "sigmoid_mlp": 2 * (T - 1) * dim * dim}.get(cfg.tdb_proj, 0)
-        elif head_name == "tightTransf":
-            head = tight_pairs * (layers(T + 1, dim, 4 * dim, cfg.cross_layers) + 2 * dim * dim + 2 * dim)
-        if self.tab is not None:
-            S = (T + 1) // 2
-            head += {"TAB": layers(S, dim, 4 * dim, 1), "TAB_TDB": layers(2 * S - 1, dim, 4 * dim, 1)}.get(cfg.tab_motion, 0)
-            tokens = T + (S if cfg.tab_motion != "none" else 0) + L
-            head += 2 * tokens * cfg.tab_centers * dim
-        return int(T * frame + text + head)
+        return int(T * frame + text + head_flops(cfg, dim, T, L, tight_pairs))
 
 
 def build_model(cfg: ModelConfig) -> VideoTextModel:

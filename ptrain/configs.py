@@ -1,7 +1,7 @@
 """Root configs of ``ptrain pretrain`` and ``ptrain eval`` and their training sections (stdlib only).
 
     from ptrain.config import load_config
-    from ptrain.schema import PretrainConfig
+    from ptrain.configs import PretrainConfig
     cfg = load_config(PretrainConfig, "configs/demo/pretrain_tiny.yaml", ["engine.zero_stage=3"])
 
 Sections: ``model`` (:class:`ptrain.model.config.ModelConfig`), ``data``
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ptrain.config import opt, section
+from ptrain.config import Problems, opt, section
 from ptrain.data.config import DataConfig
 from ptrain.model.config import ModelConfig
 
@@ -45,18 +45,19 @@ class OptimConfig:
     )
 
     def __post_init__(self):
-        if self.lr <= 0 or self.coef_lr < 0:
-            raise ValueError(f"lr must be positive and coef_lr non-negative, got lr={self.lr}, coef_lr={self.coef_lr}.")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}.")
-        if self.weight_decay < 0 or self.eps <= 0:
-            raise ValueError("weight_decay must be >= 0 and eps > 0.")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction}.")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}.")
-        if self.freeze_layer_num < -1:
-            raise ValueError(f"freeze_layer_num must be -1 (train everything) or >= 0, got {self.freeze_layer_num}.")
+        p = Problems()
+        p.check(self.lr > 0, "lr", f"lr must be positive, got {self.lr}")
+        p.check(self.coef_lr >= 0, "coef_lr", f"coef_lr must be >= 0, got {self.coef_lr}")
+        p.check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
+                f"betas must be two numbers in [0, 1), got {self.betas}")
+        p.check(self.weight_decay >= 0, "weight_decay", f"weight_decay must be >= 0, got {self.weight_decay}")
+        p.check(self.eps > 0, "eps", f"eps must be > 0, got {self.eps}")
+        p.check(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction",
+                f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction}")
+        p.check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        p.check(self.freeze_layer_num >= -1, "freeze_layer_num",
+                f"freeze_layer_num must be -1 (train everything) or >= 0, got {self.freeze_layer_num}")
+        p.raise_any()
 
 
 @dataclass
@@ -82,14 +83,16 @@ class EngineConfig:
     dist_timeout_s: int = opt(1800, "collective timeout in seconds: how long a rank waits for a lost peer before failing")
 
     def __post_init__(self):
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}.")
-        if self.micro_batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(
-                f"micro_batch_size and grad_accum must be >= 1, got {self.micro_batch_size} and {self.grad_accum}."
-            )
-        if self.grad_clip < 0 or self.peak_tflops < 0 or self.reduce_bucket_size < 1 or self.dist_timeout_s < 1:
-            raise ValueError("grad_clip and peak_tflops must be >= 0, reduce_bucket_size and dist_timeout_s >= 1.")
+        p = Problems()
+        p.check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        p.check(self.micro_batch_size >= 1, "micro_batch_size", f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        p.check(self.grad_accum >= 1, "grad_accum", f"grad_accum must be >= 1, got {self.grad_accum}")
+        p.check(self.grad_clip >= 0, "grad_clip", f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        p.check(self.peak_tflops >= 0, "peak_tflops", f"peak_tflops must be >= 0 (0 = detect), got {self.peak_tflops}")
+        p.check(self.reduce_bucket_size >= 1, "reduce_bucket_size",
+                f"reduce_bucket_size must be >= 1, got {self.reduce_bucket_size}")
+        p.check(self.dist_timeout_s >= 1, "dist_timeout_s", f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
+        p.raise_any()
 
 
 @dataclass
@@ -107,10 +110,11 @@ class CheckpointConfig:
     )
 
     def __post_init__(self):
-        if self.every_steps < 0 or self.keep_last < 1:
-            raise ValueError(f"every_steps must be >= 0 and keep_last >= 1, got {self.every_steps} and {self.keep_last}.")
-        if not self.resume:
-            raise ValueError("resume must be 'auto', 'none' or a checkpoint directory, got ''.")
+        p = Problems()
+        p.check(self.every_steps >= 0, "every_steps", f"every_steps must be >= 0 (0 = only at the end), got {self.every_steps}")
+        p.check(self.keep_last >= 1, "keep_last", f"keep_last must be >= 1, got {self.keep_last}")
+        p.check(bool(self.resume), "resume", "resume must be 'auto', 'none' or a checkpoint directory, got ''")
+        p.raise_any()
 
 
 @dataclass
@@ -122,8 +126,9 @@ class LogConfig:
     progress_bar: bool = opt(True, "show a progress bar on an interactive terminal (plain lines otherwise)")
 
     def __post_init__(self):
-        if self.every_steps < 1:
-            raise ValueError(f"every_steps must be >= 1, got {self.every_steps}.")
+        p = Problems()
+        p.check(self.every_steps >= 1, "every_steps", f"every_steps must be >= 1, got {self.every_steps}")
+        p.raise_any()
 
 
 @dataclass
@@ -135,8 +140,11 @@ class EvalDuringTrainConfig:
     max_samples: int = opt(0, "evaluate on the first N held-out samples only (0 = all)")
 
     def __post_init__(self):
-        if self.every_steps < 0 or self.batch_size < 1 or self.max_samples < 0:
-            raise ValueError("eval.every_steps and eval.max_samples must be >= 0 and eval.batch_size >= 1.")
+        p = Problems()
+        p.check(self.every_steps >= 0, "every_steps", f"every_steps must be >= 0 (0 = never), got {self.every_steps}")
+        p.check(self.batch_size >= 1, "batch_size", f"batch_size must be >= 1, got {self.batch_size}")
+        p.check(self.max_samples >= 0, "max_samples", f"max_samples must be >= 0 (0 = all), got {self.max_samples}")
+        p.raise_any()
 
 
 @dataclass
@@ -155,12 +163,14 @@ class PretrainConfig:
     eval: EvalDuringTrainConfig = section(EvalDuringTrainConfig, "retrieval eval during training")
 
     def __post_init__(self):
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}.")
-        if not self.run_dir:
-            raise ValueError("run_dir is required: the directory for checkpoints, logs and the resolved config.")
-        if self.eval.every_steps and not self.data.eval_sources:
-            raise ValueError("eval.every_steps is set but data.eval_sources is empty; give held-out shards or set eval.every_steps=0.")
+        p = Problems()
+        p.check(self.max_steps >= 1, "max_steps", f"max_steps must be >= 1, got {self.max_steps}")
+        p.check(bool(self.run_dir), "run_dir",
+                "run_dir is required: the directory for checkpoints, logs and the resolved config")
+        p.check(not (self.eval.every_steps and not self.data.eval_sources), "eval.every_steps",
+                "eval.every_steps is set but data.eval_sources is empty; give held-out shards or set eval.every_steps=0",
+                also=("data.eval_sources",))
+        p.raise_any()
 
 
 @dataclass
@@ -185,9 +195,9 @@ class EvalConfig:
     probe: ProbeConfig = section(ProbeConfig, "motion-direction probe (sample data)")
 
     def __post_init__(self):
-        if not self.export:
-            raise ValueError("export is required: export=RUN/checkpoints/step_N/export (or a run dir).")
-        if not self.shards:
-            raise ValueError("shards is required: shards=[DIR] with held-out shards written by `ptrain shard`.")
-        if self.batch_size < 1 or self.max_samples < 0:
-            raise ValueError("batch_size must be >= 1 and max_samples >= 0.")
+        p = Problems()
+        p.check(bool(self.export), "export", "export is required: export=RUN/checkpoints/step_N/export (or a run dir)")
+        p.check(bool(self.shards), "shards", "shards is required: shards=[DIR] with held-out shards written by `ptrain shard`")
+        p.check(self.batch_size >= 1, "batch_size", f"batch_size must be >= 1, got {self.batch_size}")
+        p.check(self.max_samples >= 0, "max_samples", f"max_samples must be >= 0 (0 = all), got {self.max_samples}")
+        p.raise_any()

@@ -1,4 +1,4 @@
-"""The global sample order: a pure function of (shard sample counts, weights, seed, global index).
+"""The global sample order (world-size independent): a pure function of (shard sample counts, weights, seed, global index).
 
     plan = SamplePlan(counts=[100, 100, 80], sources=[0, 0, 1], weights=[1.0, 1.0], seed=0,
                       resampled=False, shards_per_block=8)

@@ -1,0 +1,118 @@
+"""``ptrain pretrain``: contrastive video-text post-pretraining with DeepSpeed ZeRO, one process per rank (a recipe).
+
+    launch/pretrain.sh configs/demo/pretrain_tiny.yaml                      # 2 CPU ranks (gloo)
+    NUM_GPUS=8 launch/pretrain.sh configs/pretrain/howto100m_vitb32_meanP.yaml data.sources=[/data/shards]
+    deepspeed --num_gpus 2 launch/pretrain.sh CONFIG.yaml [key=value ...]   # the launcher's own form
+    torchrun --nproc_per_node 2 -m ptrain pretrain CONFIG.yaml              # torchrun works too
+    ptrain pretrain configs/demo/pretrain_tiny.yaml engine.zero_stage=0       # one process, no launcher
+
+Every rank runs :func:`run`: the process group (any launcher, ``ptrain.distributed``), the shards checked, the
+model, optimizer and engine built, a checkpoint resumed, then ``ptrain.loop.fit``. Re-running the same command
+resumes from the newest COMPLETE checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ptrain import checkpoint as ckpt
+from ptrain import distributed as du
+from ptrain.config import dump_config
+from ptrain.configs import PretrainConfig
+from ptrain.logging import RunLogger
+from ptrain.loop import Cadence, Position, TrainingFailed, fit, is_lost_peer, peak_flops, report_failure
+
+
+def run(cfg: PretrainConfig) -> int:
+    from ptrain.data import build_train_loader, discover_sources
+    from ptrain.engine import Engine, describe
+    from ptrain.loss import build_loss
+    from ptrain.model import build_model
+    from ptrain.model.freeze import freeze_clip_layers
+    from ptrain.optim import apply_group_hparams, build_optimizer
+
+    # Inputs first: a bad shard path or a run directory in the way fail before anything is built or written.
+    try:
+        discovered = discover_sources(cfg.data)
+        resume_from = ckpt.resolve_resume(cfg.run_dir, cfg.checkpoint)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"ptrain pretrain: {e}", file=sys.stderr, flush=True)
+        return 2
+    du.init(cfg.engine.dist_timeout_s)
+    rank, world = du.rank(), du.world_size()
+    log = RunLogger(cfg.run_dir, cfg.log, enabled=rank == 0, total_steps=cfg.max_steps)
+    if rank == 0:
+        dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
+
+    # Same seed on every rank: identical init (DeepSpeed also broadcasts rank 0's weights).
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    frozen = freeze_clip_layers(model, cfg.optim.freeze_layer_num)
+    engine = Engine(model, build_optimizer(model, cfg.optim), cfg.engine)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(describe(engine.config, world, n_params, n_train, cfg.model.grad_checkpointing,
+                      local_negatives=model.spec.tight))
+    log.info("deepspeed config: " + json.dumps(engine.config, sort_keys=True))
+    if frozen:
+        log.info(f"frozen (optim.freeze_layer_num={cfg.optim.freeze_layer_num}): {len(frozen)} CLIP tensors")
+
+    # Resume: engine state (any world size) + the data cursor (optimizer step, samples consumed).
+    start, saved_batch = Position(), None
+    if resume_from is not None:
+        state, how = ckpt.load(engine, resume_from, cfg.engine.zero_stage, cfg.engine.precision)
+        apply_group_hparams(engine.optimizer, model, cfg.optim)  # this config's lr / coef_lr / weight decay
+        start = Position(int(state["step"]), int(state["samples_seen"]))
+        saved_batch = int(state["data"]["global_batch"])
+        log.info(f"resumed from {resume_from} at step {start.step} ({start.samples_seen} samples seen) via {how}")
+    if start.step >= cfg.max_steps:
+        log.info(f"nothing to do: the run is at step {start.step} of max_steps={cfg.max_steps}")
+        log.close()
+        return 0
+    loader = build_train_loader(
+        cfg.data, num_frames=cfg.model.num_frames, frame_size=cfg.model.frame_size, max_words=cfg.model.max_words,
+        micro_batch_size=cfg.engine.micro_batch_size, rank=rank, world_size=world, seed=cfg.seed,
+        start_step=start.step, grad_accum=cfg.engine.grad_accum, start_sample=start.samples_seen,
+        tokenizer=cfg.model.tokenizer or None, discovered=discovered,
+    )
+    log.info(f"data: {loader.num_shards} shards, epoch of {loader.epoch_size} samples, global batch "
+             f"{loader.global_batch_size}, starting at step {start.step}")
+    if saved_batch is not None and saved_batch != loader.global_batch_size:
+        log.info(f"the global batch changed from {saved_batch} to {loader.global_batch_size}: the data goes on from "
+                 f"sample {start.samples_seen} (none read twice or skipped); the LR schedule goes on by step")
+    log.step_done(start.step)
+    log.forget_after(start.step)  # rows a crashed attempt logged after its last checkpoint
+
+    def save(pos: Position) -> Path:
+        state = {"step": pos.step, "samples_seen": pos.samples_seen, "world_size": world, "seed": cfg.seed,
+                 "zero_stage": cfg.engine.zero_stage, "precision": cfg.engine.precision,
+                 "data": {"start_step": pos.step, "global_batch": loader.global_batch_size}}
+        return ckpt.save(engine, cfg.model, cfg.run_dir, state, cfg.checkpoint)
+
+    def evaluate(step: int) -> dict:
+        from ptrain.evaluate import evaluate_during_training
+
+        return evaluate_during_training(engine.module, cfg.data, cfg.model, cfg.eval)
+
+    cadence = Cadence(cfg.max_steps, cfg.log.every_steps, cfg.checkpoint.every_steps, cfg.eval.every_steps,
+                      cfg.engine.grad_accum, cfg.engine.precision, cfg.model.max_logit_scale)
+    # a tight head scores every sample against the whole local batch: count those cross-encoder pairs
+    pairs = cfg.engine.micro_batch_size if model.spec.tight else 1
+    try:
+        fit(engine, loader, build_loss(cfg.model), log, cadence, cfg.optim, start=start, save=save,
+            evaluate=evaluate, flops_per_sample=model.flops_per_sample(tight_pairs=pairs),
+            peak=peak_flops(cfg.engine.peak_tflops, cfg.engine.precision))
+        if loader.format_versions().get(1):
+            log.info(f"read {loader.format_versions()[1]} sample(s) of shard format 1 (written by an older `ptrain "
+                     "shard`; their ASR segments are read as `segments`)")
+    except (TrainingFailed, RuntimeError) as e:
+        if not isinstance(e, TrainingFailed) and not is_lost_peer(e):
+            raise
+        log.close()
+        return report_failure(e, cfg.run_dir, ckpt.latest_complete(cfg.run_dir))
+    log.close()
+    return 0

@@ -1,0 +1,3 @@
+"""The version of ptrain (its own module, so that anything can read it without importing the package's API)."""
+
+__version__ = "0.1.0"
