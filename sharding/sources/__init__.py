@@ -66,6 +66,12 @@ class Source(Protocol):
 # name -> "module:class"; imported only when used
 SOURCES: dict[str, str] = {
     "howto100m": "sharding.sources.howto100m:HowTo100M",
+    "msrvtt": "sharding.sources.msrvtt:MSRVTT",
+    "msvd": "sharding.sources.msvd:MSVD",
+    "lsmdc": "sharding.sources.lsmdc:LSMDC",
+    "activitynet": "sharding.sources.activitynet:ActivityNet",
+    "didemo": "sharding.sources.didemo:DiDeMo",
+    "vatex": "sharding.sources.vatex:VATEX",
 }
 
 
