@@ -44,7 +44,7 @@ class Loader:
 
     def format_versions(self) -> dict[int, int]:
         """{shard format version: samples read in it} so far."""
-        return {int(k.rsplit("v", 1)[1]): v for k, v in self.stats.items() if k.startswith("samples_format_v")}
+        return {int(k[len("format_v"):]): v for k, v in self.stats.items() if k.startswith("format_v")}
 
 
 class TrainLoader(Loader):

@@ -133,7 +133,7 @@ def batch_stats(stats: Counter, batch: Batch, damaged: list[str]) -> dict[str, A
     """What a batch reports to the loader: counters, the shards found damaged, the format versions read."""
     out = dict(stats, _damaged=damaged)
     for version, n in batch.versions.items():
-        out[f"samples_format_v{version}"] = n
+        out[f"format_v{version}"] = n  # samples read in that shard format version
     return out
 
 
