@@ -1,11 +1,17 @@
-"""Config of `ptrain shard` (stdlib only, so `ptrain shard --help` is instant)."""
+"""Config of `ptrain shard`: ShardConfig with its plan and ray sections (stdlib only: `ptrain shard --help` is instant).
+
+    ptrain shard videos=DIR captions=caption.json out=SHARDS plan.num_frames=8 plan.sampling=uniform ray.num_cpus=4
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import difflib
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 from ptrain.config import InvalidValues, opt, section
+from ptrain.data.format import MAX_FRAMES
+from sharding.sources import SOURCES
 
 
 @dataclass
@@ -35,6 +41,9 @@ class PlanConfig:
         problems = []
         if self.num_frames < 1:
             problems.append(f"num_frames must be at least 1, got {self.num_frames}")
+        elif self.num_frames > MAX_FRAMES:
+            problems.append(f"num_frames must be at most {MAX_FRAMES} (a sample's frames are KEY.000.jpg .. "
+                            f"KEY.{MAX_FRAMES - 1}.jpg), got {self.num_frames}")
         if self.fps <= 0:
             problems.append(f"fps must be positive, got {self.fps}")
         if self.max_seconds <= 0:
@@ -74,31 +83,19 @@ class RayConfig:
 
 @dataclass
 class ShardConfig:
-    """`ptrain shard`: videos + timestamped captions -> WebDataset tars of JPEG frames."""
+    """`ptrain shard`: videos + their annotations (a source) -> WebDataset tars of JPEG frames."""
 
+    source: str = opt("howto100m", f"input kind, the reader of the annotations: one of {', '.join(SOURCES)}")
     videos: str = opt("", "directory of <video_id>.<ext> files (mp4, webm, mkv, avi), searched recursively")
-    captions: str = opt("", "caption.json / raw_caption.json: {video_id: {start: [...], end: [...], text: [...]}}")
+    captions: str = opt("", "source howto100m: caption.json / raw_caption.json: {video_id: {start: [...], end: "
+                            "[...], text: [...]}}")
+    video_list: Optional[str] = opt(None, "source howto100m: optional CSV (HowTo100M_v1.csv style, column video_id) "
+                                          "selecting videos")
+    annotations: str = opt("", "benchmark sources: directory of the annotation files as released")
+    split: str = opt("", "benchmark split name")
     out: str = opt("", "output directory for the shards, sidecars, manifest.json and errors.jsonl")
-    video_list: Optional[str] = opt(None, "optional CSV (HowTo100M_v1.csv style, column video_id) selecting videos")
     name: str = opt("shard", "shard file prefix: OUT/<name>-NNNNNN.tar")
-    min_seconds: float = opt(5.0, "grow a clip by merging neighbouring segments until it lasts this long (UniVL: 5 s)")
-    min_words: int = opt(4, "... and until it has at least this many words")
-    max_seconds: float = opt(
-        20.0, "never grow a clip beyond this duration; a longer single segment is split into equal pieces, its words "
-              "shared out in proportion to time"
-    )
-    max_gap_seconds: float = opt(4.0, "do not merge across a silence longer than this")
-    num_frames: int = opt(12, "frames per clip (the maximum in fps mode)")
-    sampling: Literal["uniform", "fps"] = opt(
-        "fps", "'uniform': num_frames timestamps spread over the clip; 'fps': one every 1/fps s, capped at num_frames"
-    )
-    fps: float = opt(1.0, "frames per second in fps mode (CLIP4Clip pretraining: 1)")
-    slice: Literal["head", "tail", "uniform"] = opt(
-        "uniform", "fps mode, clip with more than num_frames frames: keep the first, last or evenly spaced ones"
-    )
-    end_tolerance_seconds: float = opt(
-        1.0, "a clip ending more than this past the video's end is recorded as span_beyond_end and skipped"
-    )
+    plan: PlanConfig = section(PlanConfig, "clips from timed captions, frame times per clip")
     frame_size: int = opt(224, "resize so the short side is this many pixels")
     center_crop: bool = opt(False, "also crop the long side to frame_size (square frames)")
     jpeg_quality: int = opt(90, "JPEG quality of the stored frames")
@@ -114,19 +111,15 @@ class ShardConfig:
     ray: RayConfig = section(RayConfig, "Ray cluster")
     progress: bool = opt(True, "show a progress bar")
 
-    def plan_config(self) -> PlanConfig:
-        """The planning keys as their own section (what sharding.plan uses)."""
-        return PlanConfig(**{f.name: getattr(self, f.name) for f in fields(PlanConfig)})
-
     def __post_init__(self):
         problems = []
-        try:
-            self.plan_config()
-        except InvalidValues as e:
-            problems.extend(e.problems)
+        if self.source not in SOURCES:
+            close = difflib.get_close_matches(self.source, list(SOURCES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"source must be one of {', '.join(repr(s) for s in SOURCES)}, got {self.source!r}{hint}")
         if not self.videos:
             problems.append("videos is required: pass videos=DIR, the directory of the videos")
-        if not self.captions:
+        if self.source == "howto100m" and not self.captions:
             problems.append("captions is required: pass captions=FILE, the caption.json")
         if not self.out:
             problems.append("out is required: pass out=DIR, the directory for the shards")

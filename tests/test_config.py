@@ -140,16 +140,16 @@ def test_help_lists_keys_docs_and_defaults():
 
 def test_shard_config_validation(tmp_path):
     f = tmp_path / "shard.yaml"
-    f.write_text("max_seconds: 10\nray:\n  cpus_per_task: 0\n")
+    f.write_text("ray:\n  cpus_per_task: 0\nplan:\n  max_seconds: 10\n")
     with pytest.raises(ConfigError) as ei:
-        load_config(ShardConfig, f, ["num_frames=0", "min_seconds=30", "name=a/b", "ray.num_cpus=0"])
+        load_config(ShardConfig, f, ["plan.num_frames=0", "plan.min_seconds=30", "name=a/b", "ray.num_cpus=0"])
     # __post_init__'s problems are lines of the one error, each at its dotted key with the value's source
     assert ei.value.problems == [
         f"ray.cpus_per_task must be positive, got 0.0 (from {f})",
         "ray.num_cpus must be at least 1 (or unset: all cores), got 0 (from command line)",
-        "num_frames must be at least 1, got 0 (from command line)",
-        "min_seconds (30.0) is larger than max_seconds (10.0); lower min_seconds or raise max_seconds "
-        f"(min_seconds from command line, max_seconds from {f})",
+        "plan.num_frames must be at least 1, got 0 (from command line)",
+        "plan.min_seconds (30.0) is larger than max_seconds (10.0); lower min_seconds or raise max_seconds "
+        f"(plan.min_seconds from command line, plan.max_seconds from {f})",
         "videos is required: pass videos=DIR, the directory of the videos",
         "captions is required: pass captions=FILE, the caption.json",
         "out is required: pass out=DIR, the directory for the shards",
@@ -166,8 +166,8 @@ def test_cli_verbs_and_help(capsys):
     assert "max_samples_per_shard" in capsys.readouterr().out
     assert cli_main(["shard", "--local_rank=0"]) == 2
     assert "--no_local_rank" in capsys.readouterr().err
-    assert cli_main(["shard", "videos=a", "captions=b", "out=c", "fsp=2"]) == 2
-    assert "fsp: unknown key (from command line); did you mean fps?" in capsys.readouterr().err
+    assert cli_main(["shard", "videos=a", "captions=b", "out=c", "plan.fsp=2"]) == 2
+    assert "plan.fsp: unknown key (from command line); did you mean plan.fps?" in capsys.readouterr().err
 
 
 def test_help_into_a_closed_pipe_is_not_a_traceback():

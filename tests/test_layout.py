@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ONE_HOME = {
     "deepspeed": {"ptrain/engine.py"},
     "ray": {"sharding/job.py"},
-    "decord": {"sharding/decode.py"},
+    "decord": {"sharding/decode/decord.py"},
+    "av": {"sharding/decode/pyav.py"},
 }
 
 

@@ -4,20 +4,18 @@ import json
 
 import pytest
 
+from ptrain.data.format import sample_key, sanitize_id
+from sharding.config import PlanConfig
 from sharding.plan import (
-    CaptionError,
-    Segment,
     assign_shards,
     clean_segments,
     clip_frame_times,
-    load_captions,
     plan_clips,
     plan_video,
-    sample_key,
-    sanitize_id,
     select_frames,
 )
-from sharding.config import PlanConfig
+from sharding.sources import CaptionError, Segment
+from sharding.sources.howto100m import load_captions
 
 
 def seg(s, e, t):
@@ -198,7 +196,8 @@ def test_assign_shards_spreads_videos_and_is_deterministic():
 
 
 def test_a_bogus_long_segment_is_split_per_word_not_per_piece():
-    from sharding.plan import Segment, split_long_segments
+    from sharding.plan import split_long_segments
+    from sharding.sources import Segment
 
     # an epoch timestamp as an end time asks for ~1e8 pieces of 20 s: only the 3 that hold a word exist
     parts = split_long_segments([Segment(0.0, 1.7e9, "a b c")], 20.0)
