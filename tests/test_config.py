@@ -202,3 +202,22 @@ def test_a_bad_section_value_is_one_error_not_a_crash_of_the_parent():
     with pytest.raises(ConfigError) as ei:
         load_config(PretrainConfig, None, ["run_dir=/tmp/x", "eval.every_steps=5", "eval.batch_size=0"])
     assert any(line.startswith("eval") and "batch_size" in line for line in ei.value.problems), ei.value.problems
+
+
+def test_shard_plan_keys_live_in_their_section_and_old_keys_say_where():
+    from sharding.sources import SOURCES
+
+    base = ["videos=v", "captions=c.json", "out=o"]
+    cfg = load_config(ShardConfig, None, base + ["plan.num_frames=8", "plan.sampling=uniform"])
+    assert (cfg.plan.num_frames, cfg.plan.sampling, cfg.source) == (8, "uniform", "howto100m")
+    with pytest.raises(ConfigError) as ei:  # the keys of before the plan section
+        load_config(ShardConfig, None, base + ["num_frames=8", "fps=2", "source=howto10m"])
+    assert ei.value.problems == [
+        "num_frames: unknown key (from command line); did you mean plan.num_frames?",
+        "fps: unknown key (from command line); did you mean plan.fps?",
+        f"source must be one of {', '.join(map(repr, SOURCES))}, got 'howto10m'; did you mean 'howto100m'? (from "
+        "command line)",
+    ]
+    # captions is the howto100m source's input: required for it only
+    with pytest.raises(ConfigError, match="captions is required"):
+        load_config(ShardConfig, None, ["videos=v", "out=o"])
