@@ -1,4 +1,4 @@
-"""``ptrain sample-data``: the generator of a deterministic HowTo100M-style corpus of moving-shape videos with ASR captions.
+"""``ptrain sample-data``: the generator of a deterministic HowTo100M-style corpus (moving shapes, ASR captions).
 
 Stands in for HowTo100M when testing and demoing the sharder, the loader and the trainer offline:
 

@@ -1,5 +1,4 @@
-"""decord: the alternative decoder (the fallback of PyAV, or the first choice with decoder=decord); the one module
-that imports ``decord``.
+"""The decord decoder (PyAV's fallback, or the first choice with decoder=decord): the one module importing decord.
 
     info = extract(path, clips, Frames(clips, 224, False, 90), threads=1)
 
