@@ -235,6 +235,7 @@ def run(cfg: ShardConfig) -> int:
     out = Path(cfg.out)
     try:
         source, n_listed, paths, per_video, plan_errors, tasks, settings, phash = _plan(cfg)
+        inputs = source.describe()  # what the plan was made from, stated as it was read
     except (CaptionError, FileNotFoundError) as e:
         print(f"ptrain shard: {e}", file=sys.stderr)
         return 2
@@ -348,7 +349,7 @@ def run(cfg: ShardConfig) -> int:
         "failed_clips": sum(e.get("clips", 1) for e in errors if e["class"] not in ("no_captions", "no_clips",
                                                                                   "duplicate_id")),
         "complete": len(shards) == len(stems) and not crashed,
-        "settings": settings, "config": config_to_dict(cfg), "versions": versions, "inputs": source.describe(),
+        "settings": settings, "config": config_to_dict(cfg), "versions": versions, "inputs": inputs,
     }
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
 

@@ -75,6 +75,8 @@ def test_every_planned_clip_once_or_in_errors(corpus, reference):
     assert {"missing", "corrupt", "empty", "no_video_stream", "truncated", "span_beyond_end"} <= classes
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["samples"] == len(in_shards) and manifest["complete"]
+    assert manifest["inputs"]["source"] == "howto100m"
+    assert manifest["inputs"]["captions"]["bytes"] == (corpus / "caption.json").stat().st_size
     # clips of one video are spread over several shards
     shards_per_video = {}
     for tar_path in sorted(out.glob("shard-*.tar")):
