@@ -8,7 +8,7 @@ per clip): pick the frames, resize the short side to 224, JPEG-encode them.
 - baseline: for every target frame, seek to index ``round(t * avg_fps)`` (to the keyframe before it) and decode
   forward to it — what ``cv2.VideoCapture.set(CAP_PROP_POS_FRAMES, i)`` + ``read()`` does in CLIP4Clip's
   ``RawVideoExtractorCV2``; one video at a time, in one process;
-- ours, in-process: ``sharding.decode.extract_clips``: one forward decode per video for all its clips;
+- ours, in-process: ``sharding.decode.extract.extract_clips``: one forward decode per video for all its clips;
 - ours, the full job: ``ptrain shard`` with a local Ray of ONE core (start-up, planning, shard writing and
   manifest included), so the per-core comparison with the one-process baseline is fair.
 
@@ -34,7 +34,7 @@ import numpy as np
 
 def make_videos(root: Path, n: int, seconds: int, fps: int, keyint: int) -> dict:
     """H.264 videos of a slow, continuous pan over a texture (no scene cuts, so x264 keeps its GOP length)."""
-    import av
+    from sharding.decode.pyav import write_video
 
     (root / "videos").mkdir(parents=True, exist_ok=True)
     captions = {}
@@ -46,19 +46,16 @@ def make_videos(root: Path, n: int, seconds: int, fps: int, keyint: int) -> dict
         vid = f"bench{v:03d}k{keyint}"
         path = root / "videos" / f"{vid}.mp4"
         if not path.exists():
-            with av.open(str(path), "w") as c:
-                s = c.add_stream("libx264", rate=fps, options={"preset": "veryfast", "crf": "23",
-                                                               "x264-params": f"keyint={keyint}:scenecut=0"})
-                s.width, s.height, s.pix_fmt = 480, 360, "yuv420p"
+            def pan(v=v):
                 for i in range(frames):
                     dy = (v * 7) % 64
                     frame = texture[dy: dy + 360, i // 2: i // 2 + 480].copy()
                     x = int(210 + 200 * np.sin(i / fps))
                     frame[100:160, x: x + 60] = (255, 40, 40)
-                    for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                        c.mux(p)
-                for p in s.encode():
-                    c.mux(p)
+                    yield None, frame
+
+            write_video(path, pan(), encoder="libx264", rate=fps, width=480, height=360,
+                        options={"preset": "veryfast", "crf": "23", "x264-params": f"keyint={keyint}:scenecut=0"})
         starts = [float(t) for t in np.arange(0, seconds - 3, 2.5)]
         captions[vid] = {"start": starts, "end": [t + 3 for t in starts],
                          "text": [f"step {k} put the red thing on the board" for k in range(len(starts))]}
@@ -68,9 +65,9 @@ def make_videos(root: Path, n: int, seconds: int, fps: int, keyint: int) -> dict
 
 def baseline_extract(path: str, clips, frame_size: int, quality: int) -> int:
     """Seek once per frame by frame index, as CLIP4Clip's OpenCV loader does; returns the frames produced."""
-    import av
+    import av  # the competitor's own decoding loop, measured as it is (not ptrain code)
 
-    from sharding.decode import encode_jpeg, output_size
+    from sharding.decode.frames import encode_jpeg, output_size
 
     produced = 0
     with av.open(path) as c:
@@ -94,8 +91,9 @@ def baseline_extract(path: str, clips, frame_size: int, quality: int) -> int:
 
 def run_case(root: Path, args, keyint: int) -> list:
     from sharding.config import PlanConfig
-    from sharding.decode import extract_clips
-    from sharding.plan import load_captions, plan_video
+    from sharding.decode.extract import extract_clips
+    from sharding.plan import plan_video
+    from sharding.sources.howto100m import load_captions
 
     t = time.perf_counter()
     make_videos(root, args.videos, args.seconds, args.fps, keyint)

@@ -59,8 +59,9 @@ for name, keep in (("train", lambda i: i % 4 != 3), ("heldout", lambda i: i % 4 
 EOF
 # 8 frames spread over each clip at 64 px (the tiny model's input); short clips so that most
 # lie inside one motion event.
-shard_args=(captions="$demo/raw/caption.json" videos="$demo/raw/videos" num_frames=8 sampling=uniform
-            frame_size=64 min_seconds=2 min_words=4 max_seconds=5 max_samples_per_shard=64 progress=false)
+shard_args=(captions="$demo/raw/caption.json" videos="$demo/raw/videos" plan.num_frames=8 plan.sampling=uniform
+            frame_size=64 plan.min_seconds=2 plan.min_words=4 plan.max_seconds=5 max_samples_per_shard=64
+            progress=false)
 for split in train heldout; do
   if [[ ! -f "$demo/shards_$split/manifest.json" ]]; then  # a finished shard run leaves its manifest
     ptrain shard "${shard_args[@]}" video_list="$demo/$split.csv" out="$demo/shards_$split"

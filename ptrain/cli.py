@@ -18,8 +18,8 @@ from ptrain.config import ConfigError, config_help, load_config
 # verb -> (config class, run function, one-line summary)
 VERBS: dict[str, tuple[str, str, str]] = {
     "sample-data": (
-        "sharding.sample_data:SampleDataConfig",
-        "sharding.sample_data:run",
+        "ptrain_demo.corpus:SampleDataConfig",
+        "ptrain_demo.corpus:run",
         "generate a HowTo100M-style corpus of moving-shape videos + ASR captions",
     ),
     "shard": (
@@ -33,8 +33,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
         "contrastive post-pretraining with DeepSpeed ZeRO on shards (one process per rank; see launch/pretrain.sh)",
     ),
     "eval": (
-        "ptrain.configs:EvalConfig",
-        "ptrain.evaluate:run",
+        "ptrain_demo.eval:EvalWithProbeConfig",
+        "ptrain_demo.eval:run",
         "embed held-out shards with an export and report R@1/5/10, MdR, MnR (+ the sample-data direction probe)",
     ),
     "convert": (

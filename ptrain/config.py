@@ -262,7 +262,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str], 
         path = prefix + key
         if key not in fields:
             src = _source_of(leaf)
-            close = difflib.get_close_matches(path, all_paths, n=1, cutoff=0.6)
+            # the same key in another section first (a key that moved: fps -> plan.fps), else the closest path
+            moved = [p for p in all_paths if p.rsplit(".", 1)[-1] == key and p != path]
+            close = moved[:1] if len(moved) == 1 else difflib.get_close_matches(path, all_paths, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else f"; valid keys here: {', '.join(fields)}"
             problems.append(f"{path}: unknown key (from {src}){hint}")
             continue

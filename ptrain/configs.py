@@ -174,14 +174,6 @@ class PretrainConfig:
 
 
 @dataclass
-class ProbeConfig:
-    """Motion-direction probe on clips of ``ptrain sample-data`` (ground truth from sample_meta.json)."""
-
-    sample_meta: str = opt("", "sample_meta.json of the corpus the eval shards came from; '' = no probe")
-    min_overlap: float = opt(0.8, "a clip is probed if one event covers at least this fraction of it")
-
-
-@dataclass
 class EvalConfig:
     """``ptrain eval``: embed held-out shards with an export and report retrieval metrics."""
 
@@ -192,7 +184,6 @@ class EvalConfig:
     caption_filter: str = opt("", "regex: only captions matching it are text queries (the gallery keeps every clip)")
     dsl: bool = opt(False, "also report dual-softmax (DSL) re-weighted numbers, side by side with the raw ones")
     out: str = opt("", "write the metrics as JSON to this file ('' = print only)")
-    probe: ProbeConfig = section(ProbeConfig, "motion-direction probe (sample data)")
 
     def __post_init__(self):
         p = Problems()

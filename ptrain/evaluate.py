@@ -1,19 +1,13 @@
 """``ptrain eval``: embed held-out shards with an export and report text-video retrieval metrics.
 
     ptrain eval export=runs/demo/checkpoints/step_00000060/export shards=[demo/shards_heldout]
-    ptrain eval export=runs/demo shards=[demo/shards_heldout] probe.sample_meta=demo/raw/sample_meta.json
     ptrain eval export=RUN shards=[DIR] caption_filter='left|right' out=RUN/eval.json
 
 Every held-out clip is one gallery item and its caption one query (ground truth: the diagonal).
 Reported: t2v and v2t R@1/5/10, MdR, MnR (``ptrain.metrics``), with chance levels. ``caption_filter``
 keeps only matching captions as queries (e.g. the motion-direction ones) against the full gallery.
-
-The probe (``probe.sample_meta``, for ``ptrain sample-data`` corpora): each held-out clip that lies
-inside one ground-truth event is scored against four captions that differ only in the direction
-("the red circle moves to the left / to the right / up / down"). ``direction_acc`` is the 4-way
-accuracy (chance 25%); ``order_acc`` picks between the true direction and its opposite (chance
-50%); ``reversal_acc`` scores the true caption against the clip and the same clip played backwards
-(identical frames, only their order differs: an order-blind head such as meanP scores exactly 50%).
+:func:`evaluate` returns the results with the model and the embeddings, for callers that score more
+(the demo's motion-direction probe, ``ptrain_demo.eval``, which is what the ``ptrain eval`` verb runs).
 
 The same embedding code runs inside training (:func:`evaluate_during_training`), where every rank
 embeds its share of the batches and the features are all-gathered.
@@ -30,14 +24,11 @@ import numpy as np
 import torch
 
 from ptrain import distributed as du
+from ptrain.configs import EvalConfig, EvalDuringTrainConfig
 from ptrain.data.config import DataConfig
 from ptrain.metrics import chunked_similarity, retrieval_metrics
-from ptrain.model.video_text import reverse_clips
-from ptrain.configs import EvalConfig, EvalDuringTrainConfig
 from ptrain.model.config import ModelConfig
-
-DIRECTION_PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+from ptrain.model.video_text import reverse_clips
 
 
 def _rows_of(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -103,58 +94,6 @@ def retrieval(model, emb: dict[str, Any], caption_filter: str = "", dsl: bool = 
     return out
 
 
-def _clip_event(meta: dict, videos: dict[str, Any], min_overlap: float) -> dict | None:
-    video = videos.get(str(meta.get("video_id", "")))
-    if video is None or "start" not in meta or "end" not in meta:
-        return None
-    start, end = float(meta["start"]), float(meta["end"])
-    span = max(end - start, 1e-6)
-    best, best_cover = None, 0.0
-    for ev in video.get("events", []):
-        cover = max(0.0, min(end, ev["end"]) - max(start, ev["start"])) / span
-        if cover > best_cover:
-            best, best_cover = ev, cover
-    return best if best_cover >= min_overlap else None
-
-
-@torch.no_grad()
-def direction_probe(model, emb: dict[str, Any], sample_meta: str | Path, min_overlap: float = 0.8) -> dict[str, float]:
-    """4-way direction accuracy and true-vs-opposite accuracy on clips inside one ground-truth event."""
-    path = Path(sample_meta)
-    if not path.is_file():
-        raise FileNotFoundError(f"probe.sample_meta={path}: not found; point it at OUT/sample_meta.json of `ptrain sample-data`")
-    videos = json.loads(path.read_text()).get("videos", {})
-    clips = []
-    for i, item in enumerate(emb["items"]):
-        ev = _clip_event(item["meta"], videos, min_overlap)
-        if ev is not None:
-            clips.append((i, ev))
-    if not clips:
-        return {"probe_clips": 0}
-    directions = list(DIRECTION_PHRASES)
-    queries = sorted({(ev["colour"], ev["shape"]) for _, ev in clips})
-    texts = [f"the {c} {s} moves {DIRECTION_PHRASES[d]}" for c, s in queries for d in directions]
-    text_f = model.encode_text(texts)
-    hits4 = hits2 = hits_rev = 0.0
-    for i, ev in clips:
-        q = queries.index((ev["colour"], ev["shape"]))
-        scores = model.similarity(text_f[4 * q : 4 * q + 4], emb["video"][i : i + 1]).flatten().float()
-        truth = directions.index(ev["direction"])
-        hits4 += int(scores.argmax().item() == truth)
-        hits2 += int(scores[truth] > scores[directions.index(OPPOSITE[ev["direction"]])])
-        if "video_rev" in emb:
-            # the true caption vs the same clip played backwards: identical frames, only the order differs;
-            # differences below float noise are ties (an order-blind head scores exactly 50%)
-            rev = model.similarity(text_f[4 * q + truth : 4 * q + truth + 1], emb["video_rev"][i : i + 1]).flatten().float()
-            diff = float(scores[truth] - rev[0])
-            hits_rev += 0.5 if abs(diff) < 1e-4 * max(1.0, abs(float(scores[truth]))) else float(diff > 0)
-    n = len(clips)
-    out = {"probe_clips": n, "direction_acc": 100.0 * hits4 / n, "order_acc": 100.0 * hits2 / n}
-    if "video_rev" in emb:
-        out["reversal_acc"] = 100.0 * hits_rev / n
-    return out
-
-
 def evaluate_during_training(module, data_cfg: DataConfig, model_cfg: ModelConfig,
                              cfg: EvalDuringTrainConfig) -> dict[str, float]:
     """All ranks embed their share of ``data_cfg.eval_sources``; every rank returns the metrics."""
@@ -183,7 +122,10 @@ def _print_table(name: str, m: dict[str, float]) -> None:
               f"MdR {m[d + '_MdR']:.1f}  MnR {m[d + '_MnR']:.1f}")
 
 
-def run(cfg: EvalConfig) -> int:
+def evaluate(cfg: EvalConfig, reversed_too: bool = False) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """Embed ``cfg.shards`` with ``cfg.export``, print the retrieval tables and return ``(results, model, emb)``:
+    the model and the embeddings (``embed``'s dict, ``reversed_too``: with the reversed clips) are for callers
+    that score more on them (``ptrain_demo.eval``'s direction probe)."""
     import ptrain
     from ptrain.checkpoint import find_export
     from ptrain.data import build_eval_loader
@@ -194,7 +136,7 @@ def run(cfg: EvalConfig) -> int:
     data_cfg = DataConfig(num_workers=0)
     loader = build_eval_loader(data_cfg, num_frames=mc.num_frames, frame_size=mc.frame_size, max_words=mc.max_words,
                                batch_size=cfg.batch_size, sources=list(cfg.shards), tokenizer=model.tokenizer_path)
-    emb = embed(model, loader, cfg.max_samples, reversed_too=bool(cfg.probe.sample_meta))
+    emb = embed(model, loader, cfg.max_samples, reversed_too=reversed_too)
     skipped = {k: v for k, v in loader.stats.items() if v and ("corrupt" in k or "missing" in k or "damaged" in k)}
     results: dict[str, Any] = {"export": str(export), "head": mc.head, "shards": list(cfg.shards)}
     print(f"ptrain eval: {export} (head {mc.head}, {mc.num_frames} frames) on {len(emb['items'])} held-out clips")
@@ -205,16 +147,17 @@ def run(cfg: EvalConfig) -> int:
     if cfg.caption_filter:
         results["filtered"] = retrieval(model, emb, cfg.caption_filter, dsl=cfg.dsl)
         _print_table(f"captions matching {cfg.caption_filter!r}", results["filtered"])
-    if cfg.probe.sample_meta:
-        results["probe"] = direction_probe(model, emb, cfg.probe.sample_meta, cfg.probe.min_overlap)
-        p = results["probe"]
-        if p["probe_clips"]:
-            print(f"direction probe ({p['probe_clips']} clips inside one event): 4-way accuracy {p['direction_acc']:.1f}% "
-                  f"(chance 25%), true vs opposite caption {p['order_acc']:.1f}% (chance 50%), true caption: "
-                  f"clip vs clip played backwards {p['reversal_acc']:.1f}% (order-blind heads: exactly 50%)")
-        else:
-            print("direction probe: no held-out clip lies inside a single event")
-    if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(results, indent=1, default=float))
+    return results, model, emb
+
+
+def write_results(out: str, results: dict[str, Any]) -> None:
+    """The results as JSON at ``out`` ('' = nowhere)."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=1, default=float))
+
+
+def run(cfg: EvalConfig) -> int:
+    results, _model, _emb = evaluate(cfg)
+    write_results(cfg.out, results)
     return 0

@@ -1,11 +1,17 @@
-"""Config of `ptrain shard` (stdlib only, so `ptrain shard --help` is instant)."""
+"""Config of `ptrain shard`: ShardConfig with its plan and ray sections (stdlib only: `ptrain shard --help` is instant).
+
+    ptrain shard videos=DIR captions=caption.json out=SHARDS plan.num_frames=8 plan.sampling=uniform ray.num_cpus=4
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import difflib
+from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ptrain.config import InvalidValues, opt, section
+from ptrain.config import Invalid, Problems, opt, section
+from ptrain.data.format import MAX_FRAMES
+from sharding.sources import SOURCES
 
 
 @dataclass
@@ -32,24 +38,21 @@ class PlanConfig:
     )
 
     def __post_init__(self):
-        problems = []
-        if self.num_frames < 1:
-            problems.append(f"num_frames must be at least 1, got {self.num_frames}")
-        if self.fps <= 0:
-            problems.append(f"fps must be positive, got {self.fps}")
-        if self.max_seconds <= 0:
-            problems.append(f"max_seconds must be positive, got {self.max_seconds}")
-        if self.min_seconds < 0:
-            problems.append(f"min_seconds must be >= 0, got {self.min_seconds}")
-        elif self.min_seconds > self.max_seconds > 0:
-            problems.append(f"min_seconds ({self.min_seconds}) is larger than max_seconds ({self.max_seconds}); "
-                            "lower min_seconds or raise max_seconds")
-        if self.max_gap_seconds < 0:
-            problems.append(f"max_gap_seconds must be >= 0, got {self.max_gap_seconds}")
-        if self.end_tolerance_seconds < 0:
-            problems.append(f"end_tolerance_seconds must be >= 0, got {self.end_tolerance_seconds}")
-        if problems:
-            raise InvalidValues(problems)
+        p = Problems()
+        p.check(self.num_frames >= 1, "num_frames", f"num_frames must be at least 1, got {self.num_frames}")
+        p.check(self.num_frames <= MAX_FRAMES, "num_frames",
+                f"num_frames must be at most {MAX_FRAMES} (a sample's frames are KEY.000.jpg .. "
+                f"KEY.{MAX_FRAMES - 1}.jpg), got {self.num_frames}")
+        p.check(self.fps > 0, "fps", f"fps must be positive, got {self.fps}")
+        p.check(self.max_seconds > 0, "max_seconds", f"max_seconds must be positive, got {self.max_seconds}")
+        p.check(self.min_seconds >= 0, "min_seconds", f"min_seconds must be >= 0, got {self.min_seconds}")
+        p.check(not (self.min_seconds >= 0 and self.min_seconds > self.max_seconds > 0), "min_seconds",
+                f"min_seconds ({self.min_seconds}) is larger than max_seconds ({self.max_seconds}); "
+                "lower min_seconds or raise max_seconds", also=("max_seconds",))
+        p.check(self.max_gap_seconds >= 0, "max_gap_seconds", f"max_gap_seconds must be >= 0, got {self.max_gap_seconds}")
+        p.check(self.end_tolerance_seconds >= 0, "end_tolerance_seconds",
+                f"end_tolerance_seconds must be >= 0, got {self.end_tolerance_seconds}")
+        p.raise_any()
 
 
 @dataclass
@@ -63,42 +66,28 @@ class RayConfig:
     cpus_per_task: float = opt(1.0, "CPUs reserved by each decode and write task")
 
     def __post_init__(self):
-        problems = []
-        if self.cpus_per_task <= 0:
-            problems.append(f"cpus_per_task must be positive, got {self.cpus_per_task}")
-        if self.num_cpus is not None and self.num_cpus < 1:
-            problems.append(f"num_cpus must be at least 1 (or unset: all cores), got {self.num_cpus}")
-        if problems:
-            raise InvalidValues(problems)
+        p = Problems()
+        p.check(self.cpus_per_task > 0, "cpus_per_task", f"cpus_per_task must be positive, got {self.cpus_per_task}")
+        p.check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus",
+                f"num_cpus must be at least 1 (or unset: all cores), got {self.num_cpus}")
+        p.raise_any()
 
 
 @dataclass
 class ShardConfig:
-    """`ptrain shard`: videos + timestamped captions -> WebDataset tars of JPEG frames."""
+    """`ptrain shard`: videos + their annotations (a source) -> WebDataset tars of JPEG frames."""
 
+    source: str = opt("howto100m", f"input kind, the reader of the annotations: one of {', '.join(SOURCES)}")
     videos: str = opt("", "directory of <video_id>.<ext> files (mp4, webm, mkv, avi), searched recursively")
-    captions: str = opt("", "caption.json / raw_caption.json: {video_id: {start: [...], end: [...], text: [...]}}")
+    captions: str = opt("", "source howto100m: caption.json / raw_caption.json: {video_id: {start: [...], end: "
+                            "[...], text: [...]}}")
+    video_list: Optional[str] = opt(None, "source howto100m: optional CSV (HowTo100M_v1.csv style, column video_id) "
+                                          "selecting videos")
+    annotations: str = opt("", "benchmark sources: directory of the annotation files as released")
+    split: str = opt("", "benchmark split name")
     out: str = opt("", "output directory for the shards, sidecars, manifest.json and errors.jsonl")
-    video_list: Optional[str] = opt(None, "optional CSV (HowTo100M_v1.csv style, column video_id) selecting videos")
     name: str = opt("shard", "shard file prefix: OUT/<name>-NNNNNN.tar")
-    min_seconds: float = opt(5.0, "grow a clip by merging neighbouring segments until it lasts this long (UniVL: 5 s)")
-    min_words: int = opt(4, "... and until it has at least this many words")
-    max_seconds: float = opt(
-        20.0, "never grow a clip beyond this duration; a longer single segment is split into equal pieces, its words "
-              "shared out in proportion to time"
-    )
-    max_gap_seconds: float = opt(4.0, "do not merge across a silence longer than this")
-    num_frames: int = opt(12, "frames per clip (the maximum in fps mode)")
-    sampling: Literal["uniform", "fps"] = opt(
-        "fps", "'uniform': num_frames timestamps spread over the clip; 'fps': one every 1/fps s, capped at num_frames"
-    )
-    fps: float = opt(1.0, "frames per second in fps mode (CLIP4Clip pretraining: 1)")
-    slice: Literal["head", "tail", "uniform"] = opt(
-        "uniform", "fps mode, clip with more than num_frames frames: keep the first, last or evenly spaced ones"
-    )
-    end_tolerance_seconds: float = opt(
-        1.0, "a clip ending more than this past the video's end is recorded as span_beyond_end and skipped"
-    )
+    plan: PlanConfig = section(PlanConfig, "clips from timed captions, frame times per clip")
     frame_size: int = opt(224, "resize so the short side is this many pixels")
     center_crop: bool = opt(False, "also crop the long side to frame_size (square frames)")
     jpeg_quality: int = opt(90, "JPEG quality of the stored frames")
@@ -114,37 +103,26 @@ class ShardConfig:
     ray: RayConfig = section(RayConfig, "Ray cluster")
     progress: bool = opt(True, "show a progress bar")
 
-    def plan_config(self) -> PlanConfig:
-        """The planning keys as their own section (what sharding.plan uses)."""
-        return PlanConfig(**{f.name: getattr(self, f.name) for f in fields(PlanConfig)})
-
     def __post_init__(self):
-        problems = []
-        try:
-            self.plan_config()
-        except InvalidValues as e:
-            problems.extend(e.problems)
-        if not self.videos:
-            problems.append("videos is required: pass videos=DIR, the directory of the videos")
-        if not self.captions:
-            problems.append("captions is required: pass captions=FILE, the caption.json")
-        if not self.out:
-            problems.append("out is required: pass out=DIR, the directory for the shards")
-        if self.frame_size < 8:
-            problems.append(f"frame_size must be at least 8, got {self.frame_size}")
-        if not 1 <= self.jpeg_quality <= 100:
-            problems.append(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-        if self.max_samples_per_shard < 1:
-            problems.append(f"max_samples_per_shard must be at least 1, got {self.max_samples_per_shard}")
-        if self.videos_per_decode_task < 1:
-            problems.append(f"videos_per_decode_task must be at least 1, got {self.videos_per_decode_task}")
-        if self.shards_per_task < 1:
-            problems.append(f"shards_per_task must be at least 1, got {self.shards_per_task}")
-        if self.video_timeout_s <= 0:
-            problems.append(f"video_timeout_s must be positive, got {self.video_timeout_s}")
-        if self.decoder_threads < 0:
-            problems.append(f"decoder_threads must be >= 0, got {self.decoder_threads}")
-        if not self.name or any(c in self.name for c in "/\\.") or self.name.startswith("-"):
-            problems.append(f"name must be a plain file prefix without '/', '\\' or '.', got {self.name!r}")
-        if problems:
-            raise InvalidValues(problems)
+        p = Problems()
+        if self.source not in SOURCES:
+            close = difflib.get_close_matches(self.source, list(SOURCES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            p.append(Invalid("source", f"source must be one of {', '.join(repr(s) for s in SOURCES)}, got "
+                                       f"{self.source!r}{hint}"))
+        p.check(bool(self.videos), "videos", "videos is required: pass videos=DIR, the directory of the videos")
+        p.check(self.source != "howto100m" or bool(self.captions), "captions",
+                "captions is required: pass captions=FILE, the caption.json")
+        p.check(bool(self.out), "out", "out is required: pass out=DIR, the directory for the shards")
+        p.check(self.frame_size >= 8, "frame_size", f"frame_size must be at least 8, got {self.frame_size}")
+        p.check(1 <= self.jpeg_quality <= 100, "jpeg_quality", f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        p.check(self.max_samples_per_shard >= 1, "max_samples_per_shard",
+                f"max_samples_per_shard must be at least 1, got {self.max_samples_per_shard}")
+        p.check(self.videos_per_decode_task >= 1, "videos_per_decode_task",
+                f"videos_per_decode_task must be at least 1, got {self.videos_per_decode_task}")
+        p.check(self.shards_per_task >= 1, "shards_per_task", f"shards_per_task must be at least 1, got {self.shards_per_task}")
+        p.check(self.video_timeout_s > 0, "video_timeout_s", f"video_timeout_s must be positive, got {self.video_timeout_s}")
+        p.check(self.decoder_threads >= 0, "decoder_threads", f"decoder_threads must be >= 0, got {self.decoder_threads}")
+        p.check(bool(self.name) and not any(c in self.name for c in "/\\.") and not self.name.startswith("-"), "name",
+                f"name must be a plain file prefix without '/', '\\' or '.', got {self.name!r}")
+        p.raise_any()

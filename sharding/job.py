@@ -1,10 +1,11 @@
 """`ptrain shard`: Ray orchestration of plan -> decode -> shard writing. The only module that imports ray.
 
-    ptrain shard videos=DIR captions=caption.json out=SHARDS [video_list=HowTo100M_v1.csv] [num_frames=12] ...
+    ptrain shard videos=DIR captions=caption.json out=SHARDS [video_list=HowTo100M_v1.csv] [plan.num_frames=12] ...
     ray job submit --address http://127.0.0.1:8265 -- ptrain shard ... ray.address=auto
 
-The driver plans every clip from the captions (pure, fast, no video touched) and packs the videos into shard
-groups (a group's clips are dealt over its shards). For every group that is not committed yet it starts:
+The driver reads the videos and their text from the source (``sharding/sources``, ``source=howto100m``), plans
+every clip (pure, fast, no video touched) and packs the videos into shard groups (a group's clips are dealt over its
+shards). For every group that is not committed yet it starts:
 
 - decode tasks, a few videos each (``videos_per_decode_task``), which decode each video once in a killable child
   process and return the JPEG-encoded samples through the object store, and
@@ -27,31 +28,23 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from ptrain.data.format import ERRORS, MANIFEST, encode_sample, shard_stem
 from sharding.config import ShardConfig
-from sharding.plan import (
-    CaptionError,
-    PlannedClip,
-    TaskPlan,
-    assign_shards,
-    find_videos,
-    load_captions,
-    load_video_list,
-    plan_hash,
-    plan_video,
-)
-from sharding.write import ForeignShardsError, scan_output, shard_stem, write_atomic, write_shard
+from sharding.plan import PlannedClip, TaskPlan, assign_shards, find_videos, plan_hash, plan_record
+from sharding.sources import CaptionError, open_source
+from sharding.write import ForeignShardsError, scan_output, write_atomic, write_shard
 
 STATE_DIR = ".ptrain_shard"  # plan marker, lock and per-group failure records
 
 
 def _versions() -> dict:
-    import av
     import numpy
     import simplejpeg
 
     import ptrain
+    from sharding.decode import pyav
 
-    return {"ptrain": ptrain.__version__, "av": av.__version__, "simplejpeg": simplejpeg.__version__,
+    return {"ptrain": ptrain.__version__, "av": pyav.version(), "simplejpeg": simplejpeg.__version__,
             "numpy": numpy.__version__, "python": platform.python_version()}
 
 
@@ -74,29 +67,26 @@ def _decode_worker():
     start-up cost is paid once, and a hung child is killed and replaced by DecodeWorker itself."""
     global _WORKER
     if _WORKER is None:
-        from sharding.decode import DecodeWorker
+        from sharding.decode.worker import DecodeWorker
 
         _WORKER = DecodeWorker()
     return _WORKER
 
 
 def _sample(clip: PlannedClip, info, frames: list) -> tuple[str, dict[str, bytes]]:
+    """One clip as the members of a shard sample (``ptrain.data.format``): its caption is the clip's text."""
     meta = {
-        "key": clip.key, "video_id": clip.video_id, "clip_index": clip.clip_index, "start": clip.start,
-        "end": clip.end, "text": clip.text, "captions": clip.segments, "frame_times": [pts for pts, _ in frames],
-        "target_times": clip.targets, "fps": round(info.fps, 6), "width": info.width, "height": info.height,
-        "duration": round(info.duration, 6),
+        "video_id": clip.video_id, "clip_index": clip.clip_index, "start": clip.start, "end": clip.end,
+        "text": clip.text, "captions": [clip.text], "segments": clip.segments,
+        "frame_times": [pts for pts, _ in frames], "target_times": clip.targets, "fps": round(info.fps, 6),
+        "width": info.width, "height": info.height, "duration": round(info.duration, 6),
     }
-    members = {"txt": clip.text.encode("utf-8"),
-               "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
-    for j, (_pts, jpg) in enumerate(frames):
-        members[f"{j:03d}.jpg"] = jpg
-    return clip.key, members
+    return clip.key, encode_sample(clip.key, meta, [jpg for _pts, jpg in frames])
 
 
 def decode_videos(videos: list[tuple[str, str, list[PlannedClip]]], opts: dict, skip_shards: list[int]) -> dict:
     """Decode each video once for all its clips; return the samples of shards not committed yet, and failures."""
-    from sharding.decode import ExtractError
+    from sharding.decode.video import ExtractError
 
     worker = _decode_worker()
     skip = set(skip_shards)
@@ -199,49 +189,53 @@ def _start_ray(cfg):
 
 def _plan(cfg: ShardConfig):
     """Everything decided before any video is touched: clips, shards, failures known from the inputs alone."""
-    captions = load_captions(cfg.captions)
-    ids = load_video_list(cfg.video_list) if cfg.video_list else sorted(captions)
+    source = open_source(cfg.source, cfg)
+    records = list(source.records())
     files, duplicates = find_videos(cfg.videos)
-    plan_cfg = cfg.plan_config()
     plan_errors: list[dict] = []
     per_video: dict[str, list[PlannedClip]] = {}
+    paths: dict[str, Path] = {}
     owner_of_key: dict[str, str] = {}
-    for vid in ids:
-        if vid not in captions:
-            plan_errors.append(_error(vid, "plan", "no_captions",
-                                      f"{vid}: listed in {cfg.video_list} but absent from {cfg.captions}"))
+    for record in records:
+        vid, stem = record.video_id, record.stem
+        if record.skip_reason:
+            plan_errors.append(_error(vid, "plan", "no_captions", record.skip_reason))
             continue
-        clips = plan_video(vid, captions[vid], plan_cfg)
+        clips = plan_record(record, cfg.plan)
         if not clips:
             plan_errors.append(_error(vid, "plan", "no_clips", f"{vid}: no caption segment with text"))
             continue
-        if vid not in files:
-            plan_errors.append(_error(vid, "plan", "missing", f"{vid}: no {vid}.<mp4|webm|mkv|avi|mov|m4v> under "
+        if stem not in files:
+            plan_errors.append(_error(vid, "plan", "missing", f"{vid}: no {stem}.<mp4|webm|mkv|avi|mov|m4v> under "
                                                               f"{cfg.videos}", clips=len(clips)))
             continue
-        if vid in duplicates:
-            plan_errors.append(_error(vid, "plan", "duplicate_id", f"{vid}: several files: using {files[vid]}, "
-                                      f"ignoring {', '.join(map(str, duplicates[vid]))}"))
-        stem = clips[0].key.rsplit("_", 1)[0]
-        other = owner_of_key.setdefault(stem, vid)
+        if stem in duplicates:
+            plan_errors.append(_error(vid, "plan", "duplicate_id", f"{vid}: several files: using {files[stem]}, "
+                                      f"ignoring {', '.join(map(str, duplicates[stem]))}"))
+        key_stem = clips[0].key.rsplit("_", 1)[0]
+        other = owner_of_key.setdefault(key_stem, vid)
         if other != vid:
-            raise CaptionError(f"{cfg.captions}: video ids {other!r} and {vid!r} give the same sample key {stem!r} "
-                               "after sanitising; rename one of them")
+            raise CaptionError(f"{cfg.captions or cfg.annotations}: video ids {other!r} and {vid!r} give the same "
+                               f"sample key {key_stem!r} after sanitising; rename one of them")
         per_video[vid] = clips
+        paths[vid] = files[stem]
     tasks = assign_shards(per_video, cfg.max_samples_per_shard, cfg.shards_per_task)
-    settings = dict(vars(plan_cfg)) | {
+    settings = dict(vars(cfg.plan)) | {
         "frame_size": cfg.frame_size, "center_crop": cfg.center_crop, "jpeg_quality": cfg.jpeg_quality,
         "max_samples_per_shard": cfg.max_samples_per_shard, "shards_per_task": cfg.shards_per_task,
         "name": cfg.name, "decoder": cfg.decoder,
     }
-    return ids, files, per_video, plan_errors, tasks, settings, plan_hash(tasks, settings)
+    if cfg.source != "howto100m":  # the default source stays out, so plans made before sources existed keep their hash
+        settings["source"] = cfg.source
+    return source, len(records), paths, per_video, plan_errors, tasks, settings, plan_hash(tasks, settings)
 
 
 def run(cfg: ShardConfig) -> int:
     t_start = time.time()
     out = Path(cfg.out)
     try:
-        ids, files, per_video, plan_errors, tasks, settings, phash = _plan(cfg)
+        source, n_listed, paths, per_video, plan_errors, tasks, settings, phash = _plan(cfg)
+        inputs = source.describe()  # what the plan was made from, stated as it was read
     except (CaptionError, FileNotFoundError) as e:
         print(f"ptrain shard: {e}", file=sys.stderr)
         return 2
@@ -277,7 +271,7 @@ def run(cfg: ShardConfig) -> int:
         done = [s for s in task.shards if shard_stem(cfg.name, s) in committed]
         if len(done) < len(task.shards) or not _errors_file(out, phash, task.task_index).is_file():
             pending.append((task, done))
-    print(f"ptrain shard: {len(ids)} videos listed, {len(per_video)} to decode, {total_clips} clips planned "
+    print(f"ptrain shard: {n_listed} videos listed, {len(per_video)} to decode, {total_clips} clips planned "
           f"-> {len(stems)} shards (plan {phash[:12]}); {len(committed)} shards already committed, "
           f"{len(pending)}/{len(tasks)} shard groups to run" + (f"; removed partial {removed}" if removed else ""))
 
@@ -293,7 +287,7 @@ def run(cfg: ShardConfig) -> int:
         opts = {"out": str(out.resolve()), "name": cfg.name, "plan_hash": phash, "versions": versions,
                 "frame_size": cfg.frame_size, "center_crop": cfg.center_crop, "jpeg_quality": cfg.jpeg_quality,
                 "decoder_threads": cfg.decoder_threads, "decoder": cfg.decoder,
-                "video_timeout_s": cfg.video_timeout_s, "end_tolerance_seconds": cfg.end_tolerance_seconds}
+                "video_timeout_s": cfg.video_timeout_s, "end_tolerance_seconds": cfg.plan.end_tolerance_seconds}
         decode_remote = ray.remote(decode_videos).options(num_cpus=cfg.ray.cpus_per_task, max_retries=2)
         write_remote = ray.remote(write_group).options(num_cpus=cfg.ray.cpus_per_task, max_retries=2)
         decode_refs: dict = {}
@@ -302,7 +296,7 @@ def run(cfg: ShardConfig) -> int:
             by_video: dict[str, list] = defaultdict(list)
             for clip in task.clips:
                 by_video[clip.video_id].append(clip)
-            units = [(vid, str(files[vid].resolve()), sorted(by_video[vid], key=lambda c: c.clip_index))
+            units = [(vid, str(paths[vid].resolve()), sorted(by_video[vid], key=lambda c: c.clip_index))
                      for vid in task.videos]
             refs = []
             for k in range(0, len(units), cfg.videos_per_decode_task):
@@ -341,30 +335,30 @@ def run(cfg: ShardConfig) -> int:
         n = Counter(c.video_id for c in task.clips)
         errors.extend(_error(vid, "task", "task_error", f"shard group {task.task_index} crashed: {msg}",
                              clips=n[vid]) for vid in task.videos)
-    write_atomic(out / "errors.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
+    write_atomic(out / ERRORS, "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
 
     shards = {stem: {"file": committed[stem]["shard"], "samples": committed[stem]["samples"],
                      "bytes": committed[stem]["bytes"], "sha256": committed[stem]["sha256"]}
               for stem in stems if stem in committed}
     by_class = Counter(e["class"] for e in errors)
     manifest = {
-        "plan_hash": phash, "name": cfg.name, "videos_listed": len(ids), "videos_planned": len(per_video),
+        "plan_hash": phash, "name": cfg.name, "videos_listed": n_listed, "videos_planned": len(per_video),
         "clips_planned": total_clips + sum(e.get("clips", 0) for e in plan_errors),
         "samples": sum(s["samples"] for s in shards.values()), "shards_planned": len(stems), "shards": shards,
         "failures_by_class": dict(sorted(by_class.items())),
         "failed_clips": sum(e.get("clips", 1) for e in errors if e["class"] not in ("no_captions", "no_clips",
                                                                                   "duplicate_id")),
         "complete": len(shards) == len(stems) and not crashed,
-        "settings": settings, "config": config_to_dict(cfg), "versions": versions,
+        "settings": settings, "config": config_to_dict(cfg), "versions": versions, "inputs": inputs,
     }
-    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
 
     elapsed = time.time() - t_start
     print(f"ptrain shard: done in {elapsed:.1f} s: {len(per_video)} videos, {manifest['samples']} clips in "
           f"{len(shards)}/{len(stems)} shards, {decoded_clips / max(elapsed, 1e-9):.1f} clips/s this run")
     if by_class:
         print("  failures by class: " + ", ".join(f"{k} {v}" for k, v in sorted(by_class.items()))
-              + f"  (details: {out / 'errors.jsonl'})")
+              + f"  (details: {out / ERRORS})")
     if crashed:
         print(f"  {len(crashed)} shard group(s) crashed; rerun the same command to retry them", file=sys.stderr)
         return 1

@@ -1,36 +1,26 @@
-"""Captions -> clips -> frame timestamps -> shard assignment. Pure functions, no I/O beyond reading JSON/CSV.
+"""Timed segments -> clips -> frame timestamps -> shard assignment, and the plan hash. Pure functions.
 
-The plan is a pure function of (captions, video list, planning config): the same inputs give the same clips, the
-same frame timestamps, the same shard of every clip and the same ``plan_hash``. Nothing here touches a video.
+The plan is a pure function of (the source's records, the planning config): the same inputs give the same clips,
+the same frame timestamps, the same shard of every clip and the same ``plan_hash``. Nothing here reads an
+annotation file (``sharding/sources`` does) or touches a video; the only I/O is listing the video directory.
 
-    segments = load_captions("caption.json")                # {video_id: [Segment, ...]}, validated
-    clips = plan_clips(segments["abc"], plan_cfg)           # [Clip(start, end, text, segments)]
-    times = clip_frame_times(clip.start, clip.end, plan_cfg) # target timestamps in seconds
+    clips = plan_video(record.video_id, record.segments, cfg.plan)   # [PlannedClip], keys and frame times
+    times = clip_frame_times(start, end, num_frames=12)            # target timestamps in seconds
     groups = assign_shards(videos_with_clips, max_samples_per_shard, shards_per_task)
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ptrain.data.format import sample_key
+from sharding.sources import Segment, VideoRecord
+
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
-
-
-class CaptionError(ValueError):
-    """A malformed caption file: names the file, the video id and what is wrong."""
-
-
-@dataclass(frozen=True)
-class Segment:
-    start: float
-    end: float
-    text: str
 
 
 @dataclass
@@ -42,70 +32,7 @@ class Clip:
 
 
 # ----------------------------------------------------------------------------------------------
-# input files
-
-
-def load_captions(path: str | Path) -> dict[str, list[Segment]]:
-    """Read and validate a HowTo100M ``caption.json``; fail fast on the first malformed entry."""
-    p = Path(path)
-    if not p.is_file():
-        raise CaptionError(f"{p}: caption file not found; pass captions=FILE pointing at caption.json")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CaptionError(f"{p}: not valid UTF-8 JSON ({e}); expected {{video_id: {{start, end, text}}}}") from None
-    if not isinstance(data, dict):
-        raise CaptionError(f"{p}: the top level must be an object {{video_id: {{start, end, text}}}}, "
-                           f"got {type(data).__name__}")
-    out: dict[str, list[Segment]] = {}
-    for vid, entry in data.items():
-        where = f"{p}: video {vid!r}"
-        if not isinstance(entry, dict):
-            raise CaptionError(f"{where}: expected an object with start/end/text lists, got {type(entry).__name__}")
-        missing = [k for k in ("start", "end", "text") if k not in entry]
-        if missing:
-            raise CaptionError(f"{where}: missing key(s) {', '.join(missing)}")
-        starts, ends, texts = entry["start"], entry["end"], entry["text"]
-        if not all(isinstance(x, list) for x in (starts, ends, texts)):
-            raise CaptionError(f"{where}: start, end and text must be lists")
-        if not len(starts) == len(ends) == len(texts):
-            raise CaptionError(
-                f"{where}: start, end and text have different lengths ({len(starts)}, {len(ends)}, {len(texts)})"
-            )
-        segs = []
-        for i, (s, e, t) in enumerate(zip(starts, ends, texts)):
-            if isinstance(s, bool) or isinstance(e, bool) or not isinstance(s, (int, float)) \
-                    or not isinstance(e, (int, float)):
-                raise CaptionError(f"{where}: segment {i}: start/end must be numbers (seconds), got {s!r}, {e!r}")
-            if not (math.isfinite(s) and math.isfinite(e)) or s < 0:
-                raise CaptionError(f"{where}: segment {i}: times must be finite and >= 0, got {s!r}, {e!r}")
-            if e < s:
-                raise CaptionError(f"{where}: segment {i}: end {e} is before start {s}")
-            if t is None:
-                t = ""
-            if not isinstance(t, str):
-                raise CaptionError(f"{where}: segment {i}: text must be a string, got {type(t).__name__}")
-            try:
-                t.encode("utf-8")
-            except UnicodeEncodeError:
-                raise CaptionError(f"{where}: segment {i}: text is not valid Unicode (a lone surrogate escape?): "
-                                   f"{t!r}; fix or drop that segment") from None
-            segs.append(Segment(float(s), float(e), t))
-        out[str(vid)] = segs
-    return out
-
-
-def load_video_list(path: str | Path) -> list[str]:
-    """Video ids from a ``HowTo100M_v1.csv``-style file (a ``video_id`` column), in file order, unique."""
-    p = Path(path)
-    if not p.is_file():
-        raise CaptionError(f"{p}: video list not found; pass video_list=CSV or leave it unset")
-    with p.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "video_id" not in reader.fieldnames:
-            raise CaptionError(f"{p}: needs a header with a video_id column (HowTo100M_v1.csv style)")
-        ids = [row["video_id"].strip() for row in reader if row.get("video_id")]
-    return list(dict.fromkeys(ids))
+# the video directory
 
 
 def find_videos(root: str | Path) -> tuple[dict[str, Path], dict[str, list[Path]]]:
@@ -128,29 +55,6 @@ def find_videos(root: str | Path) -> tuple[dict[str, Path], dict[str, list[Path]
         if len(paths) > 1:
             duplicates[vid] = paths[1:]
     return found, duplicates
-
-
-# ----------------------------------------------------------------------------------------------
-# keys
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-def sanitize_id(video_id: str) -> str:
-    """A key-safe form of a video id: no dots (WebDataset splits keys at the first dot), no slashes, no '..'.
-
-    Unsafe characters become '-', and a short hash of the original is appended whenever anything changed, so two
-    different ids can never collide. The original id is kept in the sample's JSON.
-    """
-    safe = _UNSAFE.sub("-", video_id).strip("-") or "video"
-    if safe != video_id:
-        safe = f"{safe[:80]}-{hashlib.sha1(video_id.encode('utf-8')).hexdigest()[:8]}"
-    return safe
-
-
-def sample_key(video_id: str, clip_index: int) -> str:
-    return f"{sanitize_id(video_id)}_{clip_index:04d}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +288,18 @@ class TaskPlan:
     clips: list[PlannedClip]
 
 
+def plan_record(record: VideoRecord, plan_cfg) -> list[PlannedClip]:
+    """The clips of one source record, cut from its timed ``segments`` (HowTo100M-style ASR)."""
+    if not record.segments and (record.captions or record.sentences or record.span is not None):
+        # benchmark records (one sample per video with all its captions) get their own planner in a later step
+        raise NotImplementedError(f"video {record.video_id!r}: a benchmark record (captions/span, no timed "
+                                  "segments); this ptrain plans only timed ASR segments (source howto100m)")
+    return plan_video(record.video_id, record.segments, plan_cfg)
+
+
 def plan_video(video_id: str, segments: list[Segment], plan_cfg) -> list[PlannedClip]:
+    """Clips of one video's timed segments (``plan_clips``), each with its key and frame times (``plan_cfg``: the
+    ``plan`` section of ShardConfig)."""
     clips = plan_clips(
         segments,
         min_seconds=plan_cfg.min_seconds,

@@ -1,11 +1,12 @@
-"""Atomic, reproducible shard writing and verification.
+"""Shard writing and verification: atomic, reproducible tars + sidecars, and the resume scan of an output directory.
 
 A shard is committed in this order: write ``.<name>.tar.tmp`` -> fsync -> rename to ``<name>.tar`` -> fsync the
 directory -> write the sidecar ``<name>.json`` the same way. The sidecar is the done marker: a tar without a sidecar,
 or whose size or sha256 disagree with it, is not committed and is rewritten by the next run.
 
 Tars are a pure function of their samples: members sorted by name, mtime 0, uid/gid 0, mode 0644, GNU format
-(long names), so a rerun produces byte-identical files. Members are only ``.txt``, ``.json`` and ``.jpg``.
+(long names), so a rerun produces byte-identical files. Member names, keys and the sidecar's schema are the shard
+contract's (``ptrain.data.format``): members are only ``KEY.txt``, ``KEY.json`` and ``KEY.NNN.jpg``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import os
 import tarfile
 from pathlib import Path
 
-ALLOWED_EXTENSIONS = (".txt", ".json", ".jpg")
-
-
-def shard_stem(name: str, index: int) -> str:
-    return f"{name}-{index:06d}"
+from ptrain.data.format import (
+    FORMAT_VERSION,
+    check_key,
+    check_sidecar,
+    make_sidecar,
+    sidecar_path,
+    split_member,
+)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -66,12 +70,11 @@ def write_shard(out: Path, stem: str, samples: list[tuple[str, dict[str, bytes]]
     in the tar (its headers and members), so a reader can seek straight to a sample."""
     members = []
     for key, parts in samples:
-        if "." in key or "/" in key or not key:
-            raise ValueError(f"unsafe sample key {key!r}: keys must not contain '.' or '/'")
+        check_key(key)
         for suffix, data in parts.items():
             name = f"{key}.{suffix}"
-            if not name.endswith(ALLOWED_EXTENSIONS):
-                raise ValueError(f"{name}: shards hold only {', '.join(ALLOWED_EXTENSIONS)} members")
+            if split_member(name) is None:
+                raise ValueError(f"{name}: shards hold only KEY.txt, KEY.json and KEY.NNN.jpg members")
             members.append((name, data))
     members.sort(key=lambda m: m[0])
     tar_path = out / f"{stem}.tar"
@@ -89,22 +92,16 @@ def write_shard(out: Path, stem: str, samples: list[tuple[str, dict[str, bytes]]
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(data))
-                span = spans.setdefault(name.split(".", 1)[0], [start, 0])
+                span = spans.setdefault(split_member(name)[0], [start, 0])
                 span[1] = tar.offset - span[0]
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, tar_path)
     _fsync_dir(out)
-    sidecar = {
-        "shard": f"{stem}.tar",
-        "samples": len(samples),
-        "keys": sorted(k for k, _ in samples),
-        "offsets": [spans[k] for k in sorted(k for k, _ in samples) if k in spans],
-        "bytes": hw.size,
-        "sha256": hw.sha.hexdigest(),
-        **extra,
-    }
-    write_atomic(out / f"{stem}.json", json.dumps(sidecar, indent=1, sort_keys=True).encode())
+    keys = sorted(k for k, _ in samples)
+    sidecar = make_sidecar(tar_path.name, keys, [spans[k] for k in keys if k in spans], hw.size,
+                           hw.sha.hexdigest(), **extra)
+    write_atomic(Path(sidecar_path(str(tar_path))), json.dumps(sidecar, indent=1, sort_keys=True).encode())
     return sidecar
 
 
@@ -130,7 +127,9 @@ def scan_output(out: Path, stems: list[str], plan_hash: str, versions: dict, mar
     files (``.STEM.tar.tmp``, ``.STEM.json.tmp``), a tar without a sidecar (a crash between rename and sidecar)
     and a tar whose size or sha256 disagree with its sidecar are removed. Anything that this plan did not write
     is never touched: shard files in a directory without our plan marker (``marker_plan`` is None), a marker or
-    sidecar of another plan, or a sidecar written with other library versions raise ``ForeignShardsError``.
+    sidecar of another plan, or a sidecar written with other library versions or in another shard format raise
+    ``ForeignShardsError``. Sidecars are checked with the contract's ``check_sidecar``: a malformed one is a damaged
+    commit (its shard is removed and written again).
     """
     removed: list[str] = []
     committed: dict[str, dict] = {}
@@ -151,16 +150,17 @@ def scan_output(out: Path, stems: list[str], plan_hash: str, versions: dict, mar
             if tmp.exists():
                 tmp.unlink()
                 removed.append(tmp.name)
-        tar_path, sidecar_path = out / f"{stem}.tar", out / f"{stem}.json"
+        tar_path = out / f"{stem}.tar"
+        side = Path(sidecar_path(str(tar_path)))
         if not tar_path.exists():
-            if sidecar_path.exists():
-                sidecar_path.unlink()
-                removed.append(sidecar_path.name)
+            if side.exists():
+                side.unlink()
+                removed.append(side.name)
             continue
         sidecar = None
-        if sidecar_path.is_file():
+        if side.is_file():
             try:
-                sidecar = json.loads(sidecar_path.read_text())
+                sidecar = json.loads(side.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
                 sidecar = None
         if isinstance(sidecar, dict) and sidecar.get("versions") not in (None, versions):
@@ -169,6 +169,17 @@ def scan_output(out: Path, stems: list[str], plan_hash: str, versions: dict, mar
                 "the same library versions to produce identical shards. Finish with the old environment, or "
                 "shard into a new out=DIR."
             )
+        if isinstance(sidecar, dict) and sidecar.get("format_version", 1) != FORMAT_VERSION:
+            # same plan and libraries, but samples of another shard format: never mix two formats in one output
+            raise ForeignShardsError(
+                f"{tar_path}: written in shard format {sidecar.get('format_version', 1)!r}, this run writes format "
+                f"{FORMAT_VERSION}; a resume must write the same format. Finish with the ptrain that started it, or "
+                "shard into a new out=DIR."
+            )
+        try:  # a sidecar that is not well formed is a damaged commit of ours: the shard is written again
+            sidecar = check_sidecar(sidecar, where=str(side)) if sidecar is not None else None
+        except ValueError:
+            sidecar = None
         ok = (
             isinstance(sidecar, dict)
             and sidecar.get("plan_hash") == plan_hash
@@ -179,6 +190,6 @@ def scan_output(out: Path, stems: list[str], plan_hash: str, versions: dict, mar
             committed[stem] = sidecar
         else:
             tar_path.unlink()
-            sidecar_path.unlink(missing_ok=True)
+            side.unlink(missing_ok=True)
             removed.append(tar_path.name)
     return committed, removed

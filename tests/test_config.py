@@ -140,16 +140,16 @@ def test_help_lists_keys_docs_and_defaults():
 
 def test_shard_config_validation(tmp_path):
     f = tmp_path / "shard.yaml"
-    f.write_text("max_seconds: 10\nray:\n  cpus_per_task: 0\n")
+    f.write_text("ray:\n  cpus_per_task: 0\nplan:\n  max_seconds: 10\n")
     with pytest.raises(ConfigError) as ei:
-        load_config(ShardConfig, f, ["num_frames=0", "min_seconds=30", "name=a/b", "ray.num_cpus=0"])
+        load_config(ShardConfig, f, ["plan.num_frames=0", "plan.min_seconds=30", "name=a/b", "ray.num_cpus=0"])
     # __post_init__'s problems are lines of the one error, each at its dotted key with the value's source
     assert ei.value.problems == [
         f"ray.cpus_per_task must be positive, got 0.0 (from {f})",
         "ray.num_cpus must be at least 1 (or unset: all cores), got 0 (from command line)",
-        "num_frames must be at least 1, got 0 (from command line)",
-        "min_seconds (30.0) is larger than max_seconds (10.0); lower min_seconds or raise max_seconds "
-        f"(min_seconds from command line, max_seconds from {f})",
+        "plan.num_frames must be at least 1, got 0 (from command line)",
+        "plan.min_seconds (30.0) is larger than max_seconds (10.0); lower min_seconds or raise max_seconds "
+        f"(plan.min_seconds from command line, plan.max_seconds from {f})",
         "videos is required: pass videos=DIR, the directory of the videos",
         "captions is required: pass captions=FILE, the caption.json",
         "out is required: pass out=DIR, the directory for the shards",
@@ -171,8 +171,8 @@ def test_cli_verbs_and_help(capsys):
     capsys.readouterr()
     assert cli_main(["shard", "--gpus", "2"]) == 2  # any other flag is refused
     assert "unexpected flag '--gpus'" in capsys.readouterr().err
-    assert cli_main(["shard", "videos=a", "captions=b", "out=c", "fsp=2"]) == 2
-    assert "fsp: unknown key (from command line); did you mean fps?" in capsys.readouterr().err
+    assert cli_main(["shard", "videos=a", "captions=b", "out=c", "plan.fsp=2"]) == 2
+    assert "plan.fsp: unknown key (from command line); did you mean plan.fps?" in capsys.readouterr().err
 
 
 def test_help_into_a_closed_pipe_is_not_a_traceback():
@@ -207,3 +207,22 @@ def test_a_bad_section_value_is_one_error_not_a_crash_of_the_parent():
     with pytest.raises(ConfigError) as ei:
         load_config(PretrainConfig, None, ["run_dir=/tmp/x", "eval.every_steps=5", "eval.batch_size=0"])
     assert any(line.startswith("eval") and "batch_size" in line for line in ei.value.problems), ei.value.problems
+
+
+def test_shard_plan_keys_live_in_their_section_and_old_keys_say_where():
+    from sharding.sources import SOURCES
+
+    base = ["videos=v", "captions=c.json", "out=o"]
+    cfg = load_config(ShardConfig, None, base + ["plan.num_frames=8", "plan.sampling=uniform"])
+    assert (cfg.plan.num_frames, cfg.plan.sampling, cfg.source) == (8, "uniform", "howto100m")
+    with pytest.raises(ConfigError) as ei:  # the keys of before the plan section
+        load_config(ShardConfig, None, base + ["num_frames=8", "fps=2", "source=howto10m"])
+    assert ei.value.problems == [
+        "num_frames: unknown key (from command line); did you mean plan.num_frames?",
+        "fps: unknown key (from command line); did you mean plan.fps?",
+        f"source must be one of {', '.join(map(repr, SOURCES))}, got 'howto10m'; did you mean 'howto100m'? (from "
+        "command line)",
+    ]
+    # captions is the howto100m source's input: required for it only
+    with pytest.raises(ConfigError, match="captions is required"):
+        load_config(ShardConfig, None, ["videos=v", "out=o"])

@@ -7,8 +7,10 @@ from pathlib import Path
 import av
 import pytest
 
-import sharding.decode as decode
-from sharding.decode import DecodeWorker, ExtractError, extract_clips
+import sharding.decode.pyav as pyav_decoder
+from sharding.decode.extract import extract_clips
+from sharding.decode.video import ExtractError
+from sharding.decode.worker import DecodeWorker
 
 
 def all_pts(path):
@@ -42,7 +44,7 @@ def test_seeking_gives_the_same_frames_as_decoding_through(sample_corpus, monkey
         d = meta["videos"][vid]["duration"]
         clips = [(0.2, 2.0, [0.5, 1.5]), (d * 0.6, d * 0.9, [d * 0.65, d * 0.85])]
         info, seek = extract_clips(path, clips, frame_size=32)
-        monkeypatch.setattr(decode, "_keyframe_times", lambda *a: [])
+        monkeypatch.setattr(pyav_decoder, "_keyframe_times", lambda *a: [])
         _, through = extract_clips(path, clips, frame_size=32)
         monkeypatch.undo()
         assert seek == through, f"{vid} ({info.codec}): seeking changed the frames"

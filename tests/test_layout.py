@@ -13,8 +13,8 @@ PACKAGES = ("ptrain", "sharding", "ptrain_demo")
 ONE_HOME = {
     "deepspeed": {"ptrain/engine.py"},
     "ray": {"sharding/job.py"},
-    "decord": {"sharding/decode.py"},
-    "av": {"sharding/decode.py", "sharding/sample_data.py"},
+    "decord": {"sharding/decode/decord.py"},
+    "av": {"sharding/decode/pyav.py"},
     "webdataset": {"ptrain/data/shards.py"},
 }
 # what the model library must never reach (directly or through the modules it imports)

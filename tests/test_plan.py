@@ -4,20 +4,18 @@ import json
 
 import pytest
 
+from ptrain.data.format import sample_key, sanitize_id
+from sharding.config import PlanConfig
 from sharding.plan import (
-    CaptionError,
-    Segment,
     assign_shards,
     clean_segments,
     clip_frame_times,
-    load_captions,
     plan_clips,
     plan_video,
-    sample_key,
-    sanitize_id,
     select_frames,
 )
-from sharding.config import PlanConfig
+from sharding.sources import CaptionError, Segment
+from sharding.sources.howto100m import load_captions
 
 
 def seg(s, e, t):
@@ -198,9 +196,36 @@ def test_assign_shards_spreads_videos_and_is_deterministic():
 
 
 def test_a_bogus_long_segment_is_split_per_word_not_per_piece():
-    from sharding.plan import Segment, split_long_segments
+    from sharding.plan import split_long_segments
+    from sharding.sources import Segment
 
     # an epoch timestamp as an end time asks for ~1e8 pieces of 20 s: only the 3 that hold a word exist
     parts = split_long_segments([Segment(0.0, 1.7e9, "a b c")], 20.0)
     assert [p.text for p in parts] == ["a", "b", "c"]
     assert all(p.end - p.start <= 20.0 + 1e-6 and 0 <= p.start < p.end <= 1.7e9 for p in parts)
+
+
+def test_howto100m_source_yields_listed_videos_in_order(tmp_path):
+    from sharding.sources import open_source
+    from sharding.sources.howto100m import HowTo100M
+
+    seg_ = {"start": [0], "end": [6], "text": ["one two three four"]}
+    (tmp_path / "caption.json").write_text(json.dumps({"b": seg_, "a": seg_, "c": seg_}))
+    (tmp_path / "list.csv").write_text("video_id,rank\nc,1\nzz,2\na,3\nc,4\n")
+    records = list(HowTo100M(tmp_path / "caption.json").records())
+    assert [r.video_id for r in records] == ["a", "b", "c"]  # no list: every captioned video, sorted
+    assert records[0].segments == [Segment(0.0, 6.0, "one two three four")] and records[0].stem == "a"
+
+    class Cfg:  # the ShardConfig keys the source reads
+        captions, video_list = str(tmp_path / "caption.json"), str(tmp_path / "list.csv")
+
+    source = open_source("howto100m", Cfg)
+    listed = list(source.records())
+    assert [(r.video_id, bool(r.segments)) for r in listed] == [("c", True), ("zz", False), ("a", True)]
+    assert listed[1].skip_reason == f"zz: listed in {Cfg.video_list} but absent from {Cfg.captions}"
+    facts = source.describe()
+    assert facts["source"] == "howto100m" and facts["captions"]["bytes"] == (tmp_path / "caption.json").stat().st_size
+    with pytest.raises(CaptionError, match="video list not found"):
+        list(HowTo100M(tmp_path / "caption.json", tmp_path / "nope.csv").records())
+    with pytest.raises(ValueError, match="unknown source 'msrvtt2'"):
+        open_source("msrvtt2", Cfg)

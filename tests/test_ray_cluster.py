@@ -47,7 +47,7 @@ def test_shard_job_submitted_to_a_cluster(sample_corpus, ray_cluster, tmp_path):
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_bin, "job", "submit", "--address", address, "--", sys.executable, "-m", "ptrain", "shard",
            f"videos={sample_corpus / 'videos'}", f"captions={sample_corpus / 'caption.json'}", f"out={out}",
-           "max_samples_per_shard=3", "frame_size=32", "num_frames=4", "min_seconds=2", "ray.address=auto",
+           "max_samples_per_shard=3", "frame_size=32", "plan.num_frames=4", "plan.min_seconds=2", "ray.address=auto",
            "progress=false"]
     deadline = time.time() + 120  # the job agent may need a moment after `ray start` on a busy machine
     while True:

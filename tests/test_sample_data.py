@@ -18,7 +18,7 @@ import pytest
 
 from ptrain.cli import main as cli_main
 from ptrain.config import load_config
-from sharding.sample_data import (
+from ptrain_demo.corpus import (
     COLOURS,
     KINDS,
     WEIRD_ID,

@@ -19,10 +19,11 @@ from net import free_port, kill_session
 from ptrain.config import load_config
 from sharding.config import ShardConfig
 from sharding.job import run as shard_run
-from sharding.plan import load_captions, load_video_list, plan_video
+from sharding.plan import plan_video
+from sharding.sources.howto100m import load_captions, load_video_list
 
-SETTINGS = ["max_samples_per_shard=3", "shards_per_task=2", "frame_size=32", "num_frames=4", "min_seconds=2",
-            "min_words=3", "max_seconds=6", "ray.num_cpus=2", "progress=false"]
+SETTINGS = ["max_samples_per_shard=3", "shards_per_task=2", "frame_size=32", "plan.num_frames=4", "plan.min_seconds=2",
+            "plan.min_words=3", "plan.max_seconds=6", "ray.num_cpus=2", "progress=false"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_every_planned_clip_once_or_in_errors(corpus, reference):
     captions = load_captions(corpus / "caption.json")
     planned = {}
     for vid in load_video_list(corpus / "HowTo100M_v1.csv"):
-        for clip in plan_video(vid, captions[vid], cfg.plan_config()):
+        for clip in plan_video(vid, captions[vid], cfg.plan):
             planned[clip.key] = clip
     in_shards = []
     for tar_path in sorted(out.glob("shard-*.tar")):
@@ -74,6 +75,8 @@ def test_every_planned_clip_once_or_in_errors(corpus, reference):
     assert {"missing", "corrupt", "empty", "no_video_stream", "truncated", "span_beyond_end"} <= classes
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["samples"] == len(in_shards) and manifest["complete"]
+    assert manifest["inputs"]["source"] == "howto100m"
+    assert manifest["inputs"]["captions"]["bytes"] == (corpus / "caption.json").stat().st_size
     # clips of one video are spread over several shards
     shards_per_video = {}
     for tar_path in sorted(out.glob("shard-*.tar")):
@@ -91,7 +94,7 @@ def test_frames_decode_with_right_size_inside_their_clip(reference):
         assert sample["__key__"] == meta["key"] and "." not in meta["key"]
         assert sample["txt"].decode() == meta["text"] and meta["text"]
         frames = sorted(k for k in sample if k.endswith(".jpg"))
-        assert len(frames) == len(meta["frame_times"]) == len(meta["target_times"]) <= cfg.num_frames
+        assert len(frames) == len(meta["frame_times"]) == len(meta["target_times"]) <= cfg.plan.num_frames
         assert meta["frame_times"] == sorted(meta["frame_times"])
         # each frame lies inside its clip, and is the one on screen at its target time (shown at or before it, less
         # than 2 frames earlier: the VFR video has gaps up to 1.6 frame intervals) or, when that one was shown
@@ -130,7 +133,7 @@ def test_rerun_is_a_noop_and_foreign_plan_is_refused(corpus, reference, capsys):
     assert re.search(r" 0/\d+ shard groups to run", printed), printed
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.json")} == sidecar_times  # nothing rewritten
     assert tar_hashes(out) == before
-    other = load_config(ShardConfig, None, shard_args(corpus, out) + ["num_frames=3"])
+    other = load_config(ShardConfig, None, shard_args(corpus, out) + ["plan.num_frames=3"])
     assert shard_run(other) == 2
     assert "holds shards of a different plan" in capsys.readouterr().err
     assert tar_hashes(out) == before

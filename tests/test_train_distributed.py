@@ -53,7 +53,7 @@ def _losses(run: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from sharding.sample_data import generate
+    from ptrain_demo.corpus import generate
 
     root = tmp_path_factory.mktemp("dist")
     # 16 videos -> ~64 clips: enough for a tiny model to leave its collapsed start within 60 steps
@@ -62,8 +62,8 @@ def setup(tmp_path_factory):
     shards = root / "shards"
     proc = subprocess.run(
         [sys.executable, "-m", "ptrain", "shard", f"videos={sample_corpus / 'videos'}",
-         f"captions={sample_corpus / 'caption.json'}", f"out={shards}", "num_frames=4", "sampling=uniform",
-         "frame_size=32", "min_seconds=1.5", "min_words=3", "max_seconds=4", "max_samples_per_shard=16",
+         f"captions={sample_corpus / 'caption.json'}", f"out={shards}", "plan.num_frames=4", "plan.sampling=uniform",
+         "frame_size=32", "plan.min_seconds=1.5", "plan.min_words=3", "plan.max_seconds=4", "max_samples_per_shard=16",
          "ray.num_cpus=2", "progress=false"],
         env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -68,3 +68,17 @@ def test_scan_refuses_foreign_files(tmp_path):
     with pytest.raises(ForeignShardsError, match="same library versions"):
         scan_output(tmp_path, ["shard-000000"], "p1", {"av": "y"}, marker_plan="p1")
     assert (tmp_path / "shard-000000.tar").exists()
+
+
+def test_scan_refuses_another_shard_format_and_rewrites_a_malformed_sidecar(tmp_path):
+    sidecar = write(tmp_path, "shard-000000")
+    assert sidecar["format_version"] == 2 and sidecar["shard"] == "shard-000000.tar"
+    old = {k: v for k, v in sidecar.items() if k != "format_version"}  # what the sharder wrote before format 2
+    (tmp_path / "shard-000000.json").write_text(json.dumps(old))
+    with pytest.raises(ForeignShardsError, match="written in shard format 1, this run writes format 2"):
+        scan_output(tmp_path, ["shard-000000"], "p1", V, marker_plan="p1")
+    assert (tmp_path / "shard-000000.tar").exists()
+    # a sidecar the contract refuses (more samples than the tar can hold) is a damaged commit: rewritten
+    (tmp_path / "shard-000000.json").write_text(json.dumps({**sidecar, "samples": 10**6}))
+    committed, removed = scan_output(tmp_path, ["shard-000000"], "p1", V, marker_plan="p1")
+    assert committed == {} and removed == ["shard-000000.tar"] and not (tmp_path / "shard-000000.json").exists()

@@ -14,6 +14,10 @@ planner (``sharding/plan.py``) turns them into clips and the job decodes and wri
   in the split (one sample per video, never one run-on text), ``span`` the part of the file to sample (None: the
   whole video), ``sentences`` the timed sentences of a paragraph benchmark.
 
+A listed video whose annotations hold nothing for it is still yielded, with ``skip_reason`` set: the job records
+it (class ``no_captions``) in the order the list gives, and plans nothing for it. A malformed annotation file raises
+``CaptionError`` naming the file, the video and the problem (the job stops before touching a video).
+
 Adding a source is one module here with a ``Source`` class and one row in ``SOURCES``.
 """
 
@@ -21,7 +25,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Protocol
+
+
+class CaptionError(ValueError):
+    """A malformed annotation file: names the file, the video id and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class VideoRecord:
     span: tuple[float, float] | None = None  # benchmark: the part of the file to sample; None = the whole video
     sentences: list[Segment] = field(default_factory=list)  # paragraph benchmarks: the sentences with their times
     meta: dict[str, Any] = field(default_factory=dict)  # extra JSON fields for every sample of this video
+    skip_reason: str = ""  # set: listed, but the annotations hold no text for it (a no_captions failure, not planned)
 
     @property
     def stem(self) -> str:
@@ -73,6 +83,14 @@ SOURCES: dict[str, str] = {
     "didemo": "sharding.sources.didemo:DiDeMo",
     "vatex": "sharding.sources.vatex:VATEX",
 }
+
+
+def file_facts(path: str | Path | None) -> dict[str, Any] | None:
+    """``{"path", "bytes", "mtime"}`` of an input file (None for an unset one): what ``describe`` reports."""
+    if not path:
+        return None
+    st = Path(path).stat()
+    return {"path": str(path), "bytes": st.st_size, "mtime": st.st_mtime}
 
 
 def open_source(name: str, cfg: Any) -> Source:

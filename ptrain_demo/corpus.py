@@ -1,4 +1,4 @@
-"""``ptrain sample-data``: a deterministic HowTo100M-style corpus of moving-shape videos with ASR captions.
+"""``ptrain sample-data``: the generator of a deterministic HowTo100M-style corpus (moving shapes, ASR captions).
 
 Stands in for HowTo100M when testing and demoing the sharder, the loader and the trainer offline:
 
@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ptrain.config import opt
+from sharding.decode.pyav import write_audio_tone, write_video
 
 META_VERSION = 1
 WEIRD_ID = "we.ird-id_01"  # a good video whose id has a dot and a dash: exercises key sanitisation
@@ -324,7 +325,7 @@ def _captions(rng: random.Random, events: list[dict[str, Any]]) -> dict[str, lis
 
 
 # ----------------------------------------------------------------------------------------------
-# rendering and encoding: numpy + PyAV, imported lazily
+# rendering (numpy, imported lazily) and encoding (sharding.decode.pyav, the home of PyAV)
 
 
 def _sprite(shape: str, size: int):
@@ -377,45 +378,15 @@ def _encoder_options(encoder: str) -> dict[str, str]:
 
 
 def encode_video(spec: dict[str, Any], path: Path) -> None:
-    """Render and encode one planned video to ``path``."""
-    import av
-
+    """Render and encode one planned video to ``path`` (bit-exact, one encoder thread: reproducible bytes)."""
     fps = Fraction(spec["fps_fraction"])
     times = frame_times_of(spec)
-    with av.open(str(path), "w", options={"fflags": "+bitexact"}) as container:
-        stream = container.add_stream(spec["encoder"], rate=fps, options=_encoder_options(spec["encoder"]))
-        stream.width, stream.height = spec["width"], spec["height"]
-        stream.pix_fmt = "yuvj420p" if spec["encoder"] == "mjpeg" else "yuv420p"
-        stream.codec_context.thread_count = 1
-        time_base = VFR_TIME_BASE if spec["vfr"] else 1 / fps
-        if spec["vfr"]:
-            stream.codec_context.time_base = time_base
-            stream.time_base = time_base
-        for k, img in render_frames(spec):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = int(times[k] / time_base)
-            frame.time_base = time_base
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-
-
-def _encode_audio_only(path: Path, seconds: float = 3.0) -> None:
-    """An .mp4 holding one AAC audio stream (a 440 Hz tone) and no video."""
-    import av
-    import numpy as np
-
-    rate = 16000
-    with av.open(str(path), "w", options={"fflags": "+bitexact"}) as container:
-        stream = container.add_stream("aac", rate=rate)
-        stream.layout = "mono"
-        n = int(seconds * rate)
-        tone = (0.2 * np.sin(2 * np.pi * 440 * np.arange(n) / rate)).astype(np.float32)
-        for i in range(0, n, 1024):
-            chunk = tone[None, i : i + 1024]
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = rate, i
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+    time_base = VFR_TIME_BASE if spec["vfr"] else 1 / fps
+    write_video(path, ((int(times[k] / time_base), img) for k, img in render_frames(spec)),
+                encoder=spec["encoder"], rate=fps, width=spec["width"], height=spec["height"],
+                pix_fmt="yuvj420p" if spec["encoder"] == "mjpeg" else "yuv420p",
+                options=_encoder_options(spec["encoder"]), time_base=VFR_TIME_BASE if spec["vfr"] else None,
+                container_options={"fflags": "+bitexact"}, threads=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,7 +518,7 @@ def generate(out_dir: str | Path, num_videos: int = 24, seed: int = 0, bad_video
         data = full.read_bytes()
         full.write_bytes(data[: int(len(data) * 0.4)])
         (videos / "bad_empty.mp4").write_bytes(b"")
-        _encode_audio_only(videos / "bad_audio.mp4")
+        write_audio_tone(videos / "bad_audio.mp4")
     (out / "caption.json").write_text(json.dumps(p["captions"], indent=1) + "\n")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
