@@ -226,3 +226,16 @@ def test_shard_plan_keys_live_in_their_section_and_old_keys_say_where():
     # captions is the howto100m source's input: required for it only
     with pytest.raises(ConfigError, match="captions is required"):
         load_config(ShardConfig, None, ["videos=v", "out=o"])
+
+
+def test_a_choice_spelt_like_a_boolean_survives_yaml_and_the_command_line(tmp_path):
+    """`ptrain convert ... compat=true`: the command line and YAML read `true` as a bool; the choice is 'true'."""
+    from ptrain.model.config import ConvertConfig
+
+    assert load_config(ConvertConfig, None, ["compat=true"]).compat == "true"
+    assert load_config(ConvertConfig, None, ["compat=False"]).compat == "false"
+    f = tmp_path / "c.yaml"
+    f.write_text("compat: true\n")
+    assert load_config(ConvertConfig, f).compat == "true"
+    with pytest.raises(ConfigError, match="compat: 'yes' is not one of 'auto', 'true', 'false'"):
+        load_config(ConvertConfig, None, ["compat='yes'"])

@@ -88,16 +88,20 @@ def infer_model_config(sd: dict, fmt: str, image_size: int, *, head="auto", num_
         inferred = "tightTransf" if has("cross.") else "seqLSTM" if has("lstm_visual.") else "seqTransf" if has("transformerClip.") else "meanP"
         layers = _count(sd, "cross.transformer.resblocks.") or _count(sd, "transformerClip.resblocks.")
     else:
-        tdb = has("type_position_embeddings.")
+        # CLIP2Video's sim_type: seqTransf has the temporal transformer, meanP has none; TDB needs both the
+        # transformer and the type table (sim_type=meanP with temporal_type=TDB creates the table but never uses it)
+        global_head = ("TDB" if has("type_position_embeddings.") else "seqTransf") if has("transformerClip.") else "meanP"
         if has("weight_center"):
             inferred = "TAB"
             motion = tab_motion if has("actionClip.") else "none"
-            opts.update(tab_global="TDB" if tdb else "seqTransf", tab_motion=motion, tab_weight=tab_weight,
+            if global_head == "meanP" and motion != "none":
+                raise ValueError("this CLIP2Video checkpoint has TAB motion tokens (actionClip) on the meanP branch, which "
+                                 "the reference cannot run (its motion tokens read the seqTransf frame position table); "
+                                 "it was not trained as saved")
+            opts.update(tab_global=global_head, tab_motion=motion, tab_weight=tab_weight,
                         tab_centers=sd["weight_center"].shape[0])
-            if not has("transformerClip."):
-                raise ValueError("CLIP2Video TAB on the meanP branch is not supported; the checkpoint has no transformerClip.")
         else:
-            inferred = "TDB" if tdb else "seqTransf" if has("transformerClip.") else "meanP"
+            inferred = global_head
         opts["tdb_proj"] = "sigmoid_selfA" if has("frame2t_attention.") else "sigmoid_mlp" if has("frame2t_projection") else "raw"
         layers = _count(sd, "transformerClip.resblocks.")
     if head != "auto" and head != inferred:
@@ -120,6 +124,8 @@ def _map_head_key(key: str, fmt: str, cfg: ModelConfig) -> str | None:
     uses_tdb = cfg.head == "TDB" or (cfg.head == "TAB" and cfg.tab_global == "TDB")
     if fmt == "clip2video" and key.startswith("trans_layernorm.") and not (uses_tdb and cfg.tdb_proj != "raw"):
         return None  # CLIP2Video always creates it; only TDB's sigmoid_mlp / sigmoid_selfA transforms use it
+    if fmt == "clip2video" and not uses_tdb and key.startswith(("type_position_embeddings.", "frame2t_")):
+        return None  # created by temporal_type / temporal_proj, used only on the seqTransf branch
     for old, new in _C4C_PREFIXES if fmt == "clip4clip" else _C2V_PREFIXES:
         if key.startswith(old):
             out = new + key[len(old):]
