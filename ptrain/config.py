@@ -1,6 +1,8 @@
 """Typed configs: dataclass defaults < YAML file < ``dotted.key=value`` overrides.
 
-Every verb declares one root dataclass whose fields are values or nested section dataclasses.
+Every verb declares one root dataclass whose fields are values or nested section dataclasses. A YAML file may
+build on others with a top-level ``include: base.yaml`` (or a list; paths relative to the file): the included keys
+come first, the file's own keys override them, key by key (``model.head`` replaces only that key of ``model``).
 A field's one-line doc and its choices live in ``field(metadata=...)`` via :func:`opt`.
 
     cfg = load_config(ShardConfig, "configs/shard/howto100m.yaml", ["num_frames=8", "ray.address=auto"])
@@ -429,13 +431,42 @@ def _read_yaml(p: Path) -> dict[str, Any]:
     return data
 
 
+INCLUDE = "include"  # the reserved top-level key of a YAML config: the files it builds on
+
+
+def _read_with_includes(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, tuple[Any, str]]:
+    """The dotted keys of ``p`` on top of those of the files it includes (``include: base.yaml`` or a list,
+    relative to ``p``; later files and ``p`` itself win), each with the file that set it."""
+    data = _read_yaml(p)
+    includes = data.pop(INCLUDE, None)
+    if includes is None:
+        includes = []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
+        raise ConfigError([f"{p}: {INCLUDE} must be a file name or a list of file names (relative to {p.parent}), "
+                           f"got {includes!r}"])
+    out: dict[str, tuple[Any, str]] = {}
+    for name in includes:
+        target = (p.parent / name).resolve()
+        if target in chain or target == p.resolve():
+            cycle = " -> ".join(str(c) for c in (*chain, p.resolve(), target))
+            raise ConfigError([f"{p}: includes form a cycle ({cycle}); remove one {INCLUDE}"])
+        if not target.is_file():
+            raise ConfigError([f"{p}: {INCLUDE} {name!r}: {target} not found; includes are relative to the including "
+                               "file"])
+        out.update(_read_with_includes(target, (*chain, p.resolve())))
+    out.update(_flatten(data, str(p)))
+    return out
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Build ``cls`` from its defaults, then the YAML file at ``path``, then ``overrides``."""
+    """Build ``cls`` from its defaults, then the YAML file at ``path`` (after the files it includes), then
+    ``overrides``."""
     problems: list[str] = []
     dotted: dict[str, tuple[Any, str]] = {}
     if path is not None:
-        p = Path(path)
-        dotted.update(_flatten(_read_yaml(p), str(p)))
+        dotted.update(_read_with_includes(Path(path)))
     all_paths = _leaf_paths(cls)
     dotted.update(parse_overrides(overrides or [], problems, all_paths))
     cfg = _build(cls, _nest(dotted), "", problems, all_paths)

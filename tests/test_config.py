@@ -239,3 +239,28 @@ def test_a_choice_spelt_like_a_boolean_survives_yaml_and_the_command_line(tmp_pa
     assert load_config(ConvertConfig, f).compat == "true"
     with pytest.raises(ConfigError, match="compat: 'yes' is not one of 'auto', 'true', 'false'"):
         load_config(ConvertConfig, None, ["compat='yes'"])
+
+
+def test_includes_build_on_base_files_key_by_key(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "common.yaml").write_text("name: base\noptim:\n  lr: 1e-3\n  warmup_steps: 5\n")
+    (tmp_path / "base" / "more.yaml").write_text("include: common.yaml\nmode: b\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("include: [base/more.yaml]\noptim:\n  warmup_steps: 9\n")
+    cfg = load_config(RootConfig, child, ["flag=true"])
+    assert (cfg.name, cfg.mode, cfg.flag) == ("base", "b", True)
+    assert cfg.optim.lr == pytest.approx(1e-3) and cfg.optim.warmup_steps == 9  # one key replaced, the other kept
+    with pytest.raises(ConfigError) as ei:  # a problem names the file that set the value
+        load_config(RootConfig, child, ["optim.lr=x"])
+    assert "optim.lr: expected a number, got str 'x' (from command line)" in ei.value.problems
+    (tmp_path / "base" / "common.yaml").write_text("include: ../child.yaml\nname: loop\n")
+    with pytest.raises(ConfigError, match="includes form a cycle"):
+        load_config(RootConfig, child)
+    (tmp_path / "bad.yaml").write_text("include: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="'nowhere.yaml': .* not found; includes are relative"):
+        load_config(RootConfig, tmp_path / "bad.yaml")
+    (tmp_path / "typo.yaml").write_text("include: base/more.yaml\nmod: a\n")
+    (tmp_path / "base" / "common.yaml").write_text("name: base\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(RootConfig, tmp_path / "typo.yaml")
+    assert f"mod: unknown key (from {tmp_path / 'typo.yaml'}); did you mean mode?" in ei.value.problems
