@@ -59,7 +59,8 @@ def write_shard(out: Path, name: str, index: int, samples: list[dict], offsets: 
             if frames else (0, 0)
         times = [0.5 + i for i in range(len(frames))]
         meta = {"video_id": s["video_id"], "clip_index": s.get("clip_index", 0), "start": 0.0,
-                "end": float(len(frames)), "frame_times": times, "captions": [s["caption"]], "text": s["caption"],
+                "end": float(len(frames)), "frame_times": times, "captions": s.get("captions", [s["caption"]]),
+                "text": s["caption"],
                 "segments": [{"start": 0.0, "end": float(len(frames)), "text": s["caption"]}], "fps": 25.0,
                 "width": w, "height": h, "duration": 60.0}
         jpgs = [f if isinstance(f, bytes) else simplejpeg.encode_jpeg(f, quality=90, colorspace="RGB") for f in frames]

@@ -80,6 +80,17 @@ class DataConfig:
         "frames tensor [B,T,3,S,S] is a view of [B,T,S,S,3] memory (saves the CPU transpose; .to(device) keeps "
         "it; call .contiguous() if some code needs the NCHW layout)",
     )
+    caption_sampling: Literal["first", "random", "expand"] = opt(
+        "first",
+        "training caption of a sample with several (benchmark shards): first (the .txt caption; an ASR clip has one), "
+        "random (one per video per epoch, drawn from seed, epoch and key, so a resume draws the same), expand (every "
+        "(video, caption) pair is a sample of the epoch, as CLIP4Clip's expand_msrvtt_sentences)",
+    )
+    frame_sampling: Literal["uniform", "segment"] = opt(
+        "uniform",
+        "a sample storing more frames than the model takes: uniform (CLIP4Clip's evenly spaced subset, the same every "
+        "epoch) or segment (T equal segments: a random frame of each in training, the middle one in evaluation)",
+    )
     max_substitutes: int = opt(
         64, "an unreadable sample is replaced by a seeded draw from its block; give up after this many in a row"
     )

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ptrain.data.config import DataConfig
 from ptrain.data.sample import ClipSpec
-from ptrain.data.seekable import EvalStream, TrainStream
+from ptrain.data.seekable import EvalStream, TrainStream, caption_counts
 from ptrain.data.shards import Shard, discover
 from ptrain.model.tokenizer import get_tokenizer
 
@@ -115,24 +115,30 @@ def build_train_loader(cfg: DataConfig, *, num_frames: int, frame_size: int, max
                          f"and {start_sample}")
     shards, stats = discovered if discovered is not None else discover_sources(cfg)
     spec = ClipSpec(num_frames, frame_size, max_words, cfg.crop, cfg.min_scale, cfg.hflip, cfg.decoder,
-                    cfg.fast_dct, cfg.channels_last)
-    cls = TrainStream
+                    cfg.fast_dct, cfg.channels_last, cfg.frame_sampling)
+    cls, captions = TrainStream, None
     if any(s.stream for s in shards):  # URLs / pipes cannot be seeked: the streaming fallback, for all shards
         from ptrain.data.stream import StreamTrainStream, with_counts
 
+        if cfg.caption_sampling == "expand":
+            raise ValueError("data.caption_sampling=expand needs local shards (every caption is an item of the global "
+                             "order); streamed URL/pipe sources support first and random")
         shards = with_counts([Shard(s.path, s.samples, s.source, True) for s in shards])
         cls = StreamTrainStream
+    elif cfg.caption_sampling == "expand":
+        captions = caption_counts(shards)
     tok = get_tokenizer(tokenizer)  # loaded once here: forked workers inherit it
     ds = cls(shards, [s["weight"] for s in cfg.sources], cfg, spec, tok, micro_batch_size=micro_batch_size,
              rank=rank, world_size=world_size, grad_accum=grad_accum, seed=seed, start_step=start_step,
-             start_sample=start_sample)
+             start_sample=start_sample, captions=captions)
     return TrainLoader(ds, cfg, stats)
 
 
 def build_eval_loader(cfg: DataConfig, *, num_frames: int, frame_size: int, max_words: int, batch_size: int,
                       rank: int = 0, world_size: int = 1, sources: list[str] | None = None,
-                      tokenizer: str | None = None) -> EvalLoader:
-    """Every sample of ``sources`` (default ``cfg.eval_sources``) once, in order, center-cropped."""
+                      tokenizer: str | None = None, all_captions: bool = False) -> EvalLoader:
+    """Every sample of ``sources`` (default ``cfg.eval_sources``) once, in order, center-cropped. ``all_captions``:
+    batches also carry every caption of each sample, tokenized (``captions``, ``caption_ids``, ``caption_row``)."""
     _check_sizes(num_frames, frame_size, max_words, batch_size, rank, world_size)
     paths = list(sources) if sources is not None else [s["path"] for s in cfg.eval_sources]
     if not paths:
@@ -142,7 +148,7 @@ def build_eval_loader(cfg: DataConfig, *, num_frames: int, frame_size: int, max_
     if any(s.stream for s in shards):
         raise ValueError("eval shards must be local files (URL/pipe: sources are not supported for eval); copy them")
     spec = ClipSpec(num_frames, frame_size, max_words, "center", 1.0, False, cfg.decoder, cfg.fast_dct,
-                    cfg.channels_last)
+                    cfg.channels_last, cfg.frame_sampling, all_captions)
     stream = EvalStream(shards, spec, get_tokenizer(tokenizer), batch_size=batch_size, rank=rank,
                         world_size=world_size)
     return EvalLoader(stream, cfg, stats)

@@ -21,7 +21,8 @@ from torch.utils.data import get_worker_info
 from ptrain.data import jpeg, transforms
 from ptrain.data.format import Sample, SampleError, decode_sample
 
-__all__ = ["Batch", "ClipSpec", "SampleError", "SampleMissing", "decode_clip", "group_id", "worker_slot"]
+__all__ = ["Batch", "ClipSpec", "SampleError", "SampleMissing", "choose_caption", "decode_clip", "group_id",
+           "pick_frames", "worker_slot"]
 
 
 class SampleMissing(LookupError):
@@ -53,6 +54,26 @@ class ClipSpec:
     decoder: str = "simplejpeg"
     fast: bool = True
     channels_last: bool = True
+    frame_sampling: str = "uniform"  # more stored frames than num_frames: "uniform" or "segment" (DataConfig)
+    all_captions: bool = False  # eval: the batch also carries every caption of each sample, tokenized
+
+
+def pick_frames(n: int, spec: ClipSpec, rng: np.random.Generator | None) -> list[int]:
+    """Which of a sample's ``n`` stored frames to use (all of them when they fit).
+
+    ``uniform``: CLIP4Clip's evenly spaced subset (``np.linspace``, floored), the same every time. ``segment``: the
+    stored frames cut into ``num_frames`` equal segments; training takes a random frame of each (``rng``), so every
+    epoch sees another subset of what the shard stores, evaluation (``rng=None``) the middle frame of each."""
+    T = spec.num_frames
+    if n <= T:
+        return list(range(n))
+    if spec.frame_sampling == "segment":
+        edges = np.floor(np.linspace(0, n, T + 1)).astype(int)  # segments wider than one frame (n > T): never empty
+        lo, hi = edges[:-1], edges[1:]
+        if rng is None:
+            return ((lo + hi - 1) // 2).tolist()
+        return [int(rng.integers(a, b)) for a, b in zip(lo, hi)]
+    return np.linspace(0, n - 1, num=T, dtype=int).tolist()
 
 
 def decode_clip(members: dict[str, bytes], spec: ClipSpec, rng: np.random.Generator | None,
@@ -61,9 +82,7 @@ def decode_clip(members: dict[str, bytes], spec: ClipSpec, rng: np.random.Genera
     Returns (the parsed sample, its real frame count). ``rng=None`` means eval (center crop)."""
     sample = decode_sample(members)
     names = sample.frames
-    # more frames than the model takes: CLIP4Clip's uniform subsample (np.linspace, floored)
-    pick = np.linspace(0, len(names) - 1, num=spec.num_frames, dtype=int) if len(names) > spec.num_frames \
-        else range(len(names))
+    pick = pick_frames(len(names), spec, rng)
     S = spec.frame_size
     box, flip = None, False
     for t, i in enumerate(pick):
@@ -79,6 +98,17 @@ def decode_clip(members: dict[str, bytes], spec: ClipSpec, rng: np.random.Genera
     return sample, len(pick)
 
 
+def choose_caption(mode: str, sample: Sample, seed: int, epoch: int, item: int = 0) -> str:
+    """The caption a training row uses: ``first`` the sample's .txt caption, ``random`` one drawn from (seed, epoch,
+    key) so every epoch picks anew and a resume picks the same, ``expand`` caption number ``item``."""
+    if mode == "first" or len(sample.captions) == 1 and mode == "random":
+        return sample.text
+    if mode == "expand":
+        return sample.captions[item % len(sample.captions)]
+    draw = np.random.default_rng([seed, epoch, group_id("caption:" + sample.key)]).integers(len(sample.captions))
+    return sample.captions[int(draw)]
+
+
 class Batch:
     """Preallocated arrays for one batch, filled row by row; ``finish`` tokenizes and returns tensors."""
 
@@ -91,12 +121,17 @@ class Batch:
         self.video_ids = [""] * B
         self.metas: list[dict | None] = [None] * B
         self.index_B = np.full(B, -1, np.int64)
+        self.captions: list[list[str]] = [[] for _ in range(B)]  # every caption of each row (spec.all_captions)
         self.versions: dict[int, int] = {}  # shard format versions of the samples read
 
-    def fill(self, b: int, sample: Sample, n: int, index: int) -> None:
+    def fill(self, b: int, sample: Sample, n: int, index: int, caption: str | None = None) -> None:
+        """Row ``b`` := ``sample`` (frames already decoded into it); ``caption`` is the text it trains with
+        (default: the sample's .txt caption)."""
         self.frame_mask_BT[b, :n] = 1
-        self.texts[b], self.keys[b], self.metas[b], self.index_B[b] = sample.text, sample.key, sample.meta, index
+        self.texts[b] = sample.text if caption is None else caption
+        self.keys[b], self.metas[b], self.index_B[b] = sample.key, sample.meta, index
         self.video_ids[b] = sample.video_id
+        self.captions[b] = list(sample.captions)
         self.versions[sample.version] = self.versions.get(sample.version, 0) + 1
 
     def blank(self, b: int) -> None:
@@ -109,7 +144,7 @@ class Batch:
         frames = frames.permute(0, 1, 4, 2, 3)
         if not self.spec.channels_last:
             frames = frames.contiguous()
-        return {
+        out = {
             "frames": frames,
             "frame_mask": torch.from_numpy(self.frame_mask_BT),
             "input_ids": torch.from_numpy(np.asarray(ids_BL, dtype=np.int64)),
@@ -122,3 +157,11 @@ class Batch:
             "texts": list(self.texts),
             "index": torch.from_numpy(self.index_B),
         }
+        if self.spec.all_captions:  # every caption of every row, for the multi-caption eval protocols
+            flat = [c for caps in self.captions for c in caps]
+            ids, mask = self.tokenizer(flat, max_words=self.spec.max_words) if flat else (np.zeros((0, 1)),) * 2
+            out["captions"] = [list(c) for c in self.captions]
+            out["caption_ids"] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+            out["caption_mask"] = torch.from_numpy(np.asarray(mask, dtype=np.int64))
+            out["caption_row"] = torch.tensor([b for b, caps in enumerate(self.captions) for _ in caps], dtype=torch.int64)
+        return out

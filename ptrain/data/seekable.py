@@ -31,9 +31,9 @@ from torch.utils.data import IterableDataset
 
 from ptrain.data import jpeg
 from ptrain.data.config import DataConfig
-from ptrain.data.format import SampleError
+from ptrain.data.format import SampleError, decode_sample
 from ptrain.data.order import SamplePlan
-from ptrain.data.sample import Batch, ClipSpec, SampleMissing, decode_clip, worker_slot
+from ptrain.data.sample import Batch, ClipSpec, SampleMissing, choose_caption, decode_clip, worker_slot
 from ptrain.data.shards import Shard, TarIndex, index_tar, read_sample, read_sidecar, read_span
 
 
@@ -111,13 +111,14 @@ class ShardReader:
 
 
 def read_into(reader: ShardReader, sid: int, k: int, spec: ClipSpec, rng, batch: Batch, b: int, index: int,
-              stats: Counter) -> bool:
-    """Read sample ``k`` of shard ``sid`` into row ``b``; on damage count why, blank the row, return False."""
+              stats: Counter, caption_of=None) -> bool:
+    """Read sample ``k`` of shard ``sid`` into row ``b`` (its caption: ``caption_of(sample)``, default the .txt one);
+    on damage count why, blank the row, return False."""
     try:
         key, members = reader.read(sid, k)
         sample, n = decode_clip(members, spec, rng, batch.frames_BTHWC[b])
         sample.key = key
-        batch.fill(b, sample, n, index)
+        batch.fill(b, sample, n, index, caption_of(sample) if caption_of is not None else None)
         return True
     except SampleMissing:
         stats["samples_missing"] += 1
@@ -137,13 +138,40 @@ def batch_stats(stats: Counter, batch: Batch, damaged: list[str]) -> dict[str, A
     return out
 
 
+def caption_counts(shards: list[Shard]) -> list[np.ndarray]:
+    """Captions of every sample of every shard, in the order ``ShardReader.read`` numbers them: from the sidecar's
+    ``captions`` when it has them, else from one pass over the samples' JSON (frames are read too, once)."""
+    out = []
+    for sid, shard in enumerate(shards):
+        try:
+            side = read_sidecar(shard.path) or {}
+        except ValueError:
+            side = {}
+        counts = side.get("captions")
+        if not (isinstance(counts, list) and len(counts) == shard.samples):
+            reader, counts = ShardReader([shard]), []
+            for k in range(shard.samples):
+                try:
+                    counts.append(len(decode_sample(reader.read(0, k)[1]).captions))
+                except (SampleMissing, SampleError, OSError):
+                    counts.append(1)  # unreadable: its one slot is substituted like any damaged sample
+        out.append(np.maximum(np.asarray(counts, dtype=np.int64), 1))
+    return out
+
+
 class TrainStream(IterableDataset):
-    """This rank's micro-batches from ``start_step`` on, forever (see the module docstring)."""
+    """This rank's micro-batches from ``start_step`` on, forever (see the module docstring).
+
+    ``caption_sampling=expand``: the global order runs over (sample, caption) items, ``counts`` per shard being its
+    caption total, so an epoch holds every pair once; ``captions`` are the per-sample counts (``caption_counts``)."""
 
     def __init__(self, shards: list[Shard], weights: list[float], cfg: DataConfig, spec: ClipSpec, tokenizer, *,
                  micro_batch_size: int, rank: int, world_size: int, grad_accum: int, seed: int, start_step: int,
-                 start_sample: int | None = None):
+                 start_sample: int | None = None, captions: list[np.ndarray] | None = None):
         self.shards, self.weights, self.cfg, self.spec, self.tokenizer = shards, weights, cfg, spec, tokenizer
+        self.captions = captions if cfg.caption_sampling == "expand" else None
+        # item k of shard s -> (sample, caption): the first item of each sample, per shard
+        self._firsts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in self.captions] if self.captions else None
         self.micro, self.rank, self.world, self.accum = micro_batch_size, rank, world_size, grad_accum
         self.seed, self.start_step = seed, start_step
         G = micro_batch_size * world_size * grad_accum
@@ -154,11 +182,19 @@ class TrainStream(IterableDataset):
         return self.start_sample + (m - self.start_step * self.accum) * self.micro * self.world
 
     def make_plan(self) -> SamplePlan:
+        counts = [int(c.sum()) for c in self.captions] if self.captions else [s.samples for s in self.shards]
         return SamplePlan(
-            [s.samples for s in self.shards], [s.source for s in self.shards], self.weights, seed=self.seed,
+            counts, [s.source for s in self.shards], self.weights, seed=self.seed,
             resampled=self.cfg.resampled, samples_per_epoch=self.cfg.samples_per_epoch,
             shards_per_block=self.cfg.shuffle_shards,
         )
+
+    def _sample_of(self, sid: int, k: int) -> tuple[int, int]:
+        """(sample, caption number) of item ``k`` of shard ``sid`` (items are samples unless captions expand)."""
+        if self._firsts is None:
+            return k, 0
+        j = int(np.searchsorted(self._firsts[sid], k, side="right")) - 1
+        return j, k - int(self._firsts[sid][j])
 
     def new_batch(self) -> Batch:
         return Batch(self.micro, self.spec, self.tokenizer)
@@ -173,10 +209,13 @@ class TrainStream(IterableDataset):
     def _batch(self, plan: SamplePlan, reader: ShardReader, positions: range, m: int) -> dict[str, Any]:
         batch, stats = self.new_batch(), Counter()
         for b, index in enumerate(positions):
-            _, sid, k = plan.locate(index)
+            epoch, sid, k = plan.locate(index)
             rng = np.random.default_rng([self.seed, index, 0xA06])  # augmentation: a function of the position
             for attempt in range(self.cfg.max_substitutes + 1):
-                if read_into(reader, sid, k, self.spec, rng, batch, b, index, stats):
+                j, item = self._sample_of(sid, k)
+                caption_of = lambda sample, e=epoch, c=item: choose_caption(  # noqa: E731
+                    self.cfg.caption_sampling, sample, self.seed, e, c)
+                if read_into(reader, sid, j, self.spec, rng, batch, b, index, stats, caption_of):
                     break
                 sid, k = plan.substitute(index, attempt)
                 stats["samples_substituted"] += 1

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ptrain.data import jpeg
-from ptrain.data.sample import SampleError, decode_clip, worker_slot
+from ptrain.data.sample import SampleError, choose_caption, decode_clip, worker_slot
 from ptrain.data.seekable import TrainStream, batch_stats
 from ptrain.data.shards import Shard, iter_tar_stream, open_stream
 
@@ -105,7 +105,7 @@ class StreamTrainStream(TrainStream):
                 batch.blank(filled)
                 continue
             sample.key = key
-            batch.fill(filled, sample, n, -1)
+            batch.fill(filled, sample, n, -1, choose_caption(self.cfg.caption_sampling, sample, self.seed, seed[1]))
             filled += 1
             if filled == self.micro:
                 out = batch.finish()
