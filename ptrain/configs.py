@@ -175,20 +175,37 @@ class PretrainConfig:
 
 @dataclass
 class EvalConfig:
-    """``ptrain eval``: embed held-out shards with an export and report retrieval metrics."""
+    """``ptrain eval``: embed held-out shards with an export and report retrieval metrics under a protocol."""
 
     export: str = opt("", "export dir (model.safetensors + config.json), a step_N checkpoint or a run dir (newest COMPLETE)")
     shards: list[str] = opt([], "held-out shard directories / patterns (every sample once)")
-    batch_size: int = opt(32, "clips per eval batch")
-    max_samples: int = opt(0, "evaluate the first N samples only (0 = all)")
+    protocol: Literal["auto", "single", "multi", "paragraph"] = opt(
+        "auto", "single caption (MSR-VTT 1k-A, LSMDC), multi-caption (MSVD, VATEX, MSR-VTT full), paragraph "
+                "(ActivityNet, DiDeMo; R@50 too); auto: from the shards' metadata")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: the GPU of this rank when there is one")
+    dtype: Literal["fp32", "bf16"] = opt("fp32", "compute dtype of the encoders (bf16: faster on GPUs)")
+    batch_size: int = opt(32, "videos per eval batch (captions are encoded in batches of the same size)")
+    num_workers: int = opt(0, "DataLoader worker processes decoding the shards")
+    frame_sampling: Literal["uniform", "segment"] = opt(
+        "uniform", "shards storing more frames than the export takes: uniform subset or the middle of T segments")
+    max_samples: int = opt(0, "evaluate the first N videos only (0 = all)")
     caption_filter: str = opt("", "regex: only captions matching it are text queries (the gallery keeps every clip)")
     dsl: bool = opt(False, "also report dual-softmax (DSL) re-weighted numbers, side by side with the raw ones")
-    out: str = opt("", "write the metrics as JSON to this file ('' = print only)")
+    qb_norm: bool = opt(False, "also report QB-Norm (querybank normalisation) text->video numbers beside the raw ones")
+    qb_norm_bank: list[str] = opt([], "shards whose captions form the QB-Norm query bank (training captions, never "
+                                      "the test queries)")
+    allow_resize: bool = opt(False, "evaluate shards of another frame size or count than the export (resized and "
+                                    "padded); refused by default, naming both")
+    out: str = opt("", "results.json path (results.md is written beside it) or a directory for both; '' = print only")
 
     def __post_init__(self):
         p = Problems()
         p.check(bool(self.export), "export", "export is required: export=RUN/checkpoints/step_N/export (or a run dir)")
         p.check(bool(self.shards), "shards", "shards is required: shards=[DIR] with held-out shards written by `ptrain shard`")
         p.check(self.batch_size >= 1, "batch_size", f"batch_size must be >= 1, got {self.batch_size}")
+        p.check(self.num_workers >= 0, "num_workers", f"num_workers must be >= 0, got {self.num_workers}")
         p.check(self.max_samples >= 0, "max_samples", f"max_samples must be >= 0 (0 = all), got {self.max_samples}")
+        p.check(not self.qb_norm or bool(self.qb_norm_bank), "qb_norm_bank",
+                "qb_norm needs qb_norm_bank=[DIR]: shards of other captions (e.g. the training split) as the query bank",
+                also=("qb_norm",))
         p.raise_any()

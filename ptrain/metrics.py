@@ -304,6 +304,33 @@ def dual_softmax(sim, temperature: float = 1.0, axis: int = 0):
     return out
 
 
+def qb_norm(sim_QG, bank_BG, beta: float = 20.0, k: int = 1) -> np.ndarray:
+    """Querybank normalisation with the dynamic inverted softmax (Bogolin et al., CVPR 2022), for text->video.
+
+    ``bank_BG`` scores a bank of queries that are not the test queries (e.g. training captions) against the same
+    gallery. A gallery item is *activated* when it is among the top-``k`` results of some bank query. A test
+    query whose own top-``k`` touches an activated item is scored by the inverted softmax over the bank,
+    ``beta * S[q, g] - logsumexp_b(beta * bank[b, g])``, which lowers gallery items that are close to everything
+    (hubs); other queries keep their raw scores. Rows are re-scored as a whole, so text->video ranks are
+    comparable; video->text numbers of the result mean nothing. ``beta`` applies to the scores as given (20 for
+    cosine similarities, as in the paper)."""
+    s = _to_numpy(sim_QG, "sim_QG").astype(np.float64)
+    b = _to_numpy(bank_BG, "bank_BG").astype(np.float64)
+    if s.shape[1] != b.shape[1]:
+        raise ValueError(f"qb_norm: the bank scores {b.shape[1]} gallery items, the queries {s.shape[1]}")
+    if k < 1 or beta <= 0:
+        raise ValueError(f"qb_norm needs k >= 1 and beta > 0, got k={k}, beta={beta}")
+    kk = min(k, s.shape[1])
+    activated = np.zeros(s.shape[1], dtype=bool)
+    activated[np.argpartition(-b, kk - 1, axis=1)[:, :kk].ravel()] = True
+    z = beta * b
+    lse_G = z.max(axis=0) + np.log(np.exp(z - z.max(axis=0)).sum(axis=0))
+    hit_Q = activated[np.argpartition(-s, kk - 1, axis=1)[:, :kk]].any(axis=1)
+    out = s.copy()
+    out[hit_Q] = beta * s[hit_Q] - lse_G
+    return out
+
+
 def _slice_rows(feats, i0: int, i1: int):
     """Rows i0:i1 of an array/tensor/list, or of every member of a tuple or dict of them."""
     if isinstance(feats, dict):

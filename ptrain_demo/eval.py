@@ -25,11 +25,10 @@ class EvalWithProbeConfig(EvalConfig):
 
 
 def run(cfg: EvalWithProbeConfig) -> int:
-    from ptrain.evaluate import evaluate, write_results
+    from ptrain.evaluate import run as run_eval
     from ptrain_demo.probe import direction_probe
 
-    results, model, emb = evaluate(cfg, reversed_too=bool(cfg.probe.sample_meta))
-    if cfg.probe.sample_meta:
+    def probe(results, model, emb) -> None:
         results["probe"] = p = direction_probe(model, emb, cfg.probe.sample_meta, cfg.probe.min_overlap)
         if p["probe_clips"]:
             print(f"direction probe ({p['probe_clips']} clips inside one event): 4-way accuracy {p['direction_acc']:.1f}% "
@@ -37,5 +36,6 @@ def run(cfg: EvalWithProbeConfig) -> int:
                   f"clip vs clip played backwards {p['reversal_acc']:.1f}% (order-blind heads: exactly 50%)")
         else:
             print("direction probe: no held-out clip lies inside a single event")
-    write_results(cfg.out, results)
-    return 0
+
+    with_probe = bool(cfg.probe.sample_meta)
+    return run_eval(cfg, reversed_too=with_probe, extra=probe if with_probe else None)
