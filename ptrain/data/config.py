@@ -10,7 +10,8 @@
 
 A source ``path`` is a shard directory (every ``*.tar`` with its sidecar), a glob, a brace pattern
 (``name-{000000..000099}.tar``), one ``.tar`` file, or a URL / ``pipe:`` command (read as a stream,
-see docs/data.md for what streaming gives up).
+see docs/data.md for what streaming gives up). A ``pipe:`` source runs a command named by the config, so it is
+refused unless ``allow_pipe: true`` (and then it runs without a shell: docs/threat_model.md).
 """
 
 from __future__ import annotations
@@ -83,10 +84,22 @@ class DataConfig:
     max_substitutes: int = opt(
         64, "an unreadable sample is replaced by a seeded draw from its block; give up after this many in a row"
     )
+    allow_pipe: bool = opt(
+        False, "pipe: sources run a command from the config; off unless you trust the config (run without a shell)"
+    )
 
     def __post_init__(self):
         self.sources = normalize_sources(self.sources, "sources")
         self.eval_sources = normalize_sources(self.eval_sources, "eval_sources")
+        if not self.allow_pipe:
+            for name, entries in (("sources", self.sources), ("eval_sources", self.eval_sources)):
+                for i, s in enumerate(entries):
+                    if s["path"].startswith("pipe:"):
+                        raise ValueError(
+                            f"{name}[{i}] {s['path']!r} is a pipe: source, which runs a command written in the config; "
+                            "set allow_pipe=true in the data section only if you trust this config (the command "
+                            "then runs without a shell), or point the source at the shard files"
+                        )
         if not self.resampled and len({s["weight"] for s in self.sources}) > 1:
             raise ValueError(
                 "sources have different weights but resampled is false; weighted mixing draws samples with "
