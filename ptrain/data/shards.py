@@ -39,6 +39,7 @@ _MAX_NAME_BYTES = 4096
 _MAX_PAX_BYTES = 1 << 20
 # a source pattern expanding to more names than this is refused (``{0..999999999999}`` would fill memory)
 MAX_EXPANDED_NAMES = 1_000_000
+_RANGE_RE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")  # braceexpand's integer ranges
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ def is_url(path: str) -> bool:
 def expand_braces(pattern: str) -> list[str]:
     """``a-{000..002}.tar`` -> 3 names (zero padding kept); ``{x,y}`` alternatives; nested left to right
     (the ``braceexpand`` package, bash rules; a backslash is a plain character, as in a path)."""
+    # braceexpand turns each range into a tuple before its lazy product: bound every range first
+    for lo, hi, step in _RANGE_RE.findall(pattern):
+        if abs(int(hi) - int(lo)) // max(1, abs(int(step or 1))) >= MAX_EXPANDED_NAMES:
+            raise ValueError(f"shard source {pattern!r}: the range {{{lo}..{hi}}} has more than "
+                             f"{MAX_EXPANDED_NAMES} names; check the brace range (or list a directory instead)")
     try:
         names = list(islice(braceexpand(pattern, escape=False), MAX_EXPANDED_NAMES + 1))
     except UnbalancedBracesError:
@@ -518,7 +524,7 @@ def iter_tar_stream(stream: IO[bytes], stats: dict) -> Iterator[tuple[str, dict[
         return
     _count(stats, "shards_truncated")
     if current is not None:
-        if status == "eof" and _whole(current[1]):  # cut exactly after a whole sample
+        if _whole(current[1]):  # members sort KEY.NNN.jpg < KEY.json < KEY.txt: the damage came after it
             yield current
         else:
             _count(stats, "samples_truncated")
