@@ -210,7 +210,9 @@ def test_wrong_types_in_the_clip_config(exports, tmp_path):
     for sub, key, value, match in [("text_config", "hidden_size", "32", "text_config.hidden_size must be a positive integer"),
                                    ("vision_config", "patch_size", -8, "vision_config.patch_size must be a positive integer"),
                                    (None, "text_config", "x", "text_config must be an object, got str"),
-                                   (None, "projection_dim", float("inf"), "projection_dim must be a finite number")]:
+                                   (None, "projection_dim", 32.0, "projection_dim must be a positive integer"),
+                                   ("vision_config", "layer_norm_eps", "1e-5", "vision_config.layer_norm_eps must be a finite"),
+                                   (None, "logit_scale_init_value", float("inf"), "logit_scale_init_value must be a finite")]:
         export = _copy(exports["seqTransf"], tmp_path / f"{sub}-{key}")
         _edit(export, lambda c: (c[sub] if sub else c).update({key: value}))
         with pytest.raises(ValueError, match=match):

@@ -270,21 +270,29 @@ _CLIP_DIMS = {"text_config": ("hidden_size", "intermediate_size", "num_hidden_la
                               "vocab_size", "max_position_embeddings"),
               "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                 "image_size", "patch_size", "num_channels")}
+_CLIP_FLOATS = ("layer_norm_eps", "attention_dropout", "dropout", "initializer_range", "initializer_factor")
+
+
+def _number(v: Any, integer: bool) -> bool:
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        return False
+    return v >= 1 if integer else math.isfinite(v)
 
 
 def _clip_config(raw: dict, cfg_file: Path) -> CLIPConfig:
+    """The Hugging Face CLIP config of an export, its sizes positive integers and its rates finite numbers."""
+    checks = [(raw, "", ("projection_dim",), True), (raw, "", ("logit_scale_init_value",), False)]
     for sub, keys in _CLIP_DIMS.items():
         part = raw.get(sub)
         if not isinstance(part, dict):
             raise ValueError(f"{cfg_file}: {sub} must be an object, got {type(part).__name__}; {_REEXPORT}.")
+        checks += [(part, f"{sub}.", keys, True), (part, f"{sub}.", _CLIP_FLOATS, False)]
+    for part, prefix, keys, integer in checks:
         for k in keys:
             v = part.get(k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{cfg_file}: {sub}.{k} must be a positive integer, got {v!r}; {_REEXPORT}.")
-    for k in ("projection_dim", "logit_scale_init_value"):
-        v = raw.get(k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            raise ValueError(f"{cfg_file}: {k} must be a finite number, got {v!r}; {_REEXPORT}.")
+            if v is not None and not _number(v, integer):
+                want = "a positive integer" if integer else "a finite number"
+                raise ValueError(f"{cfg_file}: {prefix}{k} must be {want}, got {v!r}; {_REEXPORT}.")
     try:
         return CLIPConfig.from_dict(raw)
     except Exception as e:  # noqa: BLE001 - transformers raises several kinds for a malformed config
