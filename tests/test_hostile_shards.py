@@ -291,6 +291,35 @@ def test_a_tar_that_changed_size_is_walked_not_trusted(tmp_path):
         read_sidecar(str(tar))
 
 
+def test_streamed_sidecars_must_back_their_count(tmp_path):
+    """A streamed shard's sidecar cannot be checked against the tar's size: its count must match its own keys."""
+    from ptrain.data.shards import read_stream_sidecar
+
+    blob, _ = _valid_shard(tmp_path)
+    tar = tmp_path / "s-000000.tar"
+    tar.write_bytes(blob)
+    side = tmp_path / "s-000000.json"
+    _sidecar(tar)
+    assert read_stream_sidecar(f"file://{side}")["samples"] == 3
+    assert read_stream_sidecar(f"pipe:cat {side}")["keys"] == KEYS
+    for fields, match in [({"samples": 10**12}, "cannot fit in a 20480-byte tar"),
+                          ({"samples": 10**12, "bytes": None}, "'keys' must list"),
+                          ({"samples": 10**12, "bytes": None, "keys": None}, "must list its keys"),
+                          ({"offsets": [[0, 10**12]] * 3}, "longer than a sample can be")]:
+        _sidecar(tar, **fields)
+        with pytest.raises(ValueError, match=match):
+            read_stream_sidecar(f"file://{side}")
+    side.write_text("[" * 100_000)
+    with pytest.raises(ValueError, match="unreadable sidecar"):
+        read_stream_sidecar(f"file://{side}")
+    with open(side, "wb") as f:
+        f.truncate(65 << 20)
+    with pytest.raises(ValueError, match="a sidecar has at most"):
+        read_stream_sidecar(f"file://{side}")
+    with pytest.raises(OSError, match="exited with status 1"):
+        read_stream_sidecar("pipe:false")
+
+
 # ----------------------------------------------------------------------------------------------
 # end to end through the loaders
 

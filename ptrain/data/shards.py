@@ -607,3 +607,24 @@ def open_stream(url: str) -> IO[bytes]:
         raise ValueError(f"source {url!r}: no reader for {scheme}:// URLs; use http(s)://, a local path, or a "
                          "pipe: command with allow_pipe")
     return handler(url, "rb", 8192)
+
+
+def read_stream_sidecar(url: str) -> dict:
+    """The checked sidecar at ``url`` (the ``.json`` beside a streamed ``.tar``), read through :func:`open_stream`.
+
+    A stream has no size to check a count against, so the count must be backed by the sidecar itself: its
+    ``keys`` list (one per sample), in a sidecar of at most ``MAX_SIDECAR_BYTES``. ValueError naming the URL
+    otherwise; an I/O error of the stream (a failed command, an HTTP error) propagates."""
+    with open_stream(url) as f:
+        raw = _Forward(f)._take(MAX_SIDECAR_BYTES + 1)
+    if len(raw) > MAX_SIDECAR_BYTES:
+        raise ValueError(f"{url}: a sidecar has at most {MAX_SIDECAR_BYTES} bytes; the shard is not trusted")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{url}: unreadable sidecar ({type(e).__name__}: {e}); re-run ptrain shard") from None
+    data = check_sidecar(data, where=url)
+    if data["samples"] and data.get("keys") is None:
+        raise ValueError(f"{url}: a streamed shard's sidecar must list its keys (its count has nothing else to be "
+                         "checked against); re-run ptrain shard")
+    return data
