@@ -396,7 +396,7 @@ def test_pipe_sources_are_refused_unless_allowed(tmp_path):
     from ptrain.config import ConfigError, load_config
     from ptrain.data import DataConfig
 
-    src = f"pipe:curl -s http://127.0.0.1:1/x.tar | sh"
+    src = "pipe:curl -s http://127.0.0.1:1/x.tar | sh"
     with pytest.raises(ValueError, match=r"sources\[0\] 'pipe:curl .*allow_pipe=true"):
         DataConfig(sources=[src])
     with pytest.raises(ValueError, match=r"eval_sources\[1\] 'pipe:cat x.tar'.*allow_pipe"):

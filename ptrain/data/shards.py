@@ -1,13 +1,18 @@
-"""Shard discovery, sidecars and the per-sample byte-offset index of a tar (no torch).
+"""Shard discovery, sidecars, the per-sample byte-offset index of a tar, and streamed tars (no torch).
 
     shards = discover(["/data/howto100m", "/data/x/shard-{000000..000009}.tar"])
     index = index_tar(shards[0].path)           # walks tar headers only, never member data
     members = read_sample(f, index.samples[k])   # {"000.jpg": b"...", "json": b"...", "txt": b"..."}
+    for key, members in iter_tar_stream(open_stream(url), stats): ...   # URLs, pipe: commands
 
 Why our own reader and not ``webdataset.WebDataset``: exact resume needs random access to one sample by
 byte offset, which a sequential tar stream cannot do, and webdataset's default decoders would unpickle
 ``.pyd``/``.pth`` members unless WDS_SECURE is set. Here only ``.jpg``, ``.json`` and ``.txt`` members
 are ever read, and member names are never used as file system paths (nothing is extracted).
+
+Shards are untrusted input (docs/threat_model.md): one header walk (``_members``) serves local tars and
+streams, and checks every field before it sizes a read or moves the offset; sidecars are checked against
+their tar (``format.check_sidecar``). What is out of range is damage, skipped and counted, never an allocation.
 """
 
 from __future__ import annotations
