@@ -251,7 +251,7 @@ def test_config_sources_and_errors(tmp_path):
     with pytest.raises(ValueError, match="data.sources is empty"):
         build_train_loader(DataConfig(), micro_batch_size=2, **SIZES)
     with pytest.raises(ValueError, match="cannot read the sidecar"):
-        build_train_loader(DataConfig(sources=[f"pipe:cat {tmp_path}/s-{{000..001}}.tar"]), micro_batch_size=2,
+        build_train_loader(DataConfig(sources=[f"pipe:cat {tmp_path}/s-{{000..001}}.tar"], allow_pipe=True), micro_batch_size=2,
                            **SIZES)
     assert expand_braces("a-{008..010}.tar") == ["a-008.tar", "a-009.tar", "a-010.tar"]
     assert expand_braces("{x,y}/{1..2}") == ["x/1", "x/2", "y/1", "y/2"]
@@ -269,7 +269,7 @@ def test_streaming_pipe_sources_fallback(tmp_path):
     """URL / pipe: sources stream front to back: every sample comes round, damage is counted."""
     d, all_keys, lost, bad = _damaged_dir(tmp_path, offsets=False)
     url = f"pipe:cat {d}/shard-{{000000..000003}}.tar"
-    cfg = DataConfig(sources=[url], num_workers=0)
+    cfg = DataConfig(sources=[url], num_workers=0, allow_pipe=True)
     loader = build_train_loader(cfg, micro_batch_size=2, seed=0, **SIZES)
     batches = _take(loader, 3 * len(all_keys) // 2)  # three epochs' worth
     seen = Counter(k for b in batches for k in b["keys"])

@@ -10,7 +10,8 @@
 
 A source ``path`` is a shard directory (every ``*.tar`` with its sidecar), a glob, a brace pattern
 (``name-{000000..000099}.tar``), one ``.tar`` file, or a URL / ``pipe:`` command (read as a stream,
-see docs/data.md for what streaming gives up).
+see docs/data.md for what streaming gives up). A ``pipe:`` source runs a command named by the config, so it is
+refused unless ``allow_pipe: true`` (and then it runs without a shell: docs/threat_model.md).
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ class DataConfig:
     max_substitutes: int = opt(
         64, "an unreadable sample is replaced by a seeded draw from its block; give up after this many in a row"
     )
+    allow_pipe: bool = opt(
+        False, "pipe: sources run a command from the config; off unless you trust the config (run without a shell)"
+    )
 
     def __post_init__(self):
         p = Problems()
@@ -102,6 +106,13 @@ class DataConfig:
                 setattr(self, field, normalize_sources(getattr(self, field), field))
             except ValueError as e:
                 p.append(Invalid(field, str(e)))
+        if not self.allow_pipe:
+            for field in ("sources", "eval_sources"):
+                for i, src in enumerate(getattr(self, field)):
+                    p.check(not (isinstance(src, dict) and str(src["path"]).startswith("pipe:")), field,
+                            f"{field}[{i}] {src['path']!r} is a pipe: source, which runs a command written in the "
+                            "config; set data.allow_pipe=true only if you trust this config (the command then runs "
+                            "without a shell), or point the source at the shard files", also=("allow_pipe",))
         p.check(self.resampled or len({s["weight"] for s in self.sources if isinstance(s, dict)}) <= 1, "sources",
                 "sources have different weights but resampled is false; weighted mixing draws samples with "
                 "replacement, so set resampled=true (and samples_per_epoch) or give every source the same weight",

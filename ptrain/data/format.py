@@ -37,6 +37,11 @@ ALLOWED_EXTENSIONS = (".txt", ".json", ".jpg")
 MAX_FRAMES = 1000  # frame suffixes are three digits
 # the least a sample takes in a tar: three members (.jpg, .json, .txt), each a 512-byte header and a data block
 MIN_SAMPLE_BYTES = 3 * 1024
+# the most a reader takes from a tar: a member (a JPEG frame of any sane size, a caption), a sample's span and a
+# sidecar. Bigger is damage, never an allocation; `ptrain shard` writes far less (a 224-pixel frame is ~20 KB).
+MAX_MEMBER_BYTES = 64 << 20
+MAX_SAMPLE_BYTES = 256 << 20
+MAX_SIDECAR_BYTES = 64 << 20
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
@@ -216,6 +221,8 @@ def check_sidecar(data: Any, where: str) -> dict[str, Any]:
             if (not isinstance(o, list) or len(o) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
                                                                    for x in o) or o[0] < 0 or o[1] <= 0):
                 raise bad(f"'offsets' entry {o!r} is not [start >= 0, length > 0]")
+            if o[1] > MAX_SAMPLE_BYTES:
+                raise bad(f"the span {o} is longer than a sample can be ({MAX_SAMPLE_BYTES} bytes)")
             if size is not None and o[0] + o[1] > size:
                 raise bad(f"the span {o} lies past the end of the {size}-byte tar")
     version = data.get("format_version", 1)

@@ -21,7 +21,6 @@ once at start-up for its sample count, in parallel threads.
 from __future__ import annotations
 
 import itertools
-import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
@@ -31,7 +30,7 @@ import numpy as np
 from ptrain.data import jpeg
 from ptrain.data.sample import SampleError, choose_caption, decode_clip, worker_slot
 from ptrain.data.seekable import TrainStream, batch_stats
-from ptrain.data.shards import Shard, iter_tar_stream, open_stream
+from ptrain.data.shards import Shard, iter_tar_stream, open_stream, read_stream_sidecar
 
 
 def sidecar_url(url: str) -> str:
@@ -43,9 +42,7 @@ def sidecar_url(url: str) -> str:
 
 def _count(url: str) -> int:
     try:
-        with open_stream(sidecar_url(url)) as f:
-            data = json.loads(f.read())
-        return int(data["samples"])
+        return int(read_stream_sidecar(sidecar_url(url))["samples"])  # bounded and checked: counts back allocations
     except Exception as e:  # noqa: BLE001 - reported with the URL below
         raise ValueError(
             f"cannot read the sidecar of {url} ({sidecar_url(url)}: {type(e).__name__}: {e}); streamed shards "
