@@ -116,18 +116,30 @@ def find_export(path: str | Path) -> Path:
 _EXPORT_TWIN: dict[str, Any] = {}
 
 
-def _export(model_cfg: ModelConfig, weights: dict[str, torch.Tensor], out: Path) -> None:
-    """Rank 0: load the gathered fp32 weights into a plain (non-DeepSpeed) model and save_export it."""
-    from ptrain.model import build_model, save_export
+def export_weights(module, model_cfg: ModelConfig, weights: dict[str, torch.Tensor], out: Path) -> Path:
+    """Rank 0: load gathered fp32 ``weights`` into a plain (non-DeepSpeed) twin of ``module`` and ``save_export`` it.
 
-    key = json.dumps(model_cfg.__dict__, sort_keys=True, default=str)
+    The twin is built from the module's own CLIP config (not from ``model_cfg.clip``, which may name an export or an
+    imported checkpoint) and carries the module's tokenizer vocabulary."""
+    from transformers import CLIPModel
+
+    from ptrain.model import save_export
+    from ptrain.model.clip import enable_3d_patch
+    from ptrain.model.video_text import VideoTextModel
+
+    key = json.dumps([model_cfg.__dict__, module.clip.config.to_dict()], sort_keys=True, default=str)
     twin = _EXPORT_TWIN.get(key)
     if twin is None:  # why: built once per run; a plain module never triggers ZeRO-3 gathers on one rank
-        twin = build_model(model_cfg).float().eval()
+        clip = CLIPModel(module.clip.config)
+        del clip.logit_scale  # ours is the 1-D LogitScale
+        if model_cfg.linear_patch == "3d":
+            enable_3d_patch(clip)
+        twin = VideoTextModel(model_cfg, clip, 1.0, init_from_clip=False).float().eval()
         _EXPORT_TWIN.clear()
         _EXPORT_TWIN[key] = twin
     twin.load_state_dict(weights, strict=True)
-    save_export(twin, out)
+    twin.tokenizer_path = getattr(module, "tokenizer_path", None)
+    return save_export(twin, out)
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -185,7 +197,7 @@ def save(engine, model_cfg: ModelConfig, run_dir: str | Path, state: dict[str, A
         save_file(weights, str(out / "consolidated" / "weights.safetensors"))
         if cfg.consolidated_optimizer and moments:
             save_file(moments, str(out / "consolidated" / "moments.safetensors"))
-        _export(model_cfg, weights, out / "export")
+        export_weights(engine.module, model_cfg, weights, out / "export")
         _write_json(out / STATE_FILE, state)
     du.barrier()
     if rank == 0:

@@ -32,6 +32,11 @@ VERBS: dict[str, tuple[str, str, str]] = {
         "ptrain.pretrain:run",
         "contrastive post-pretraining with DeepSpeed ZeRO on shards (one process per rank; see launch/pretrain.sh)",
     ),
+    "finetune": (
+        "ptrain.configs:FinetuneConfig",
+        "ptrain.finetune:run",
+        "fine-tune on a benchmark from an export or a CLIP: select on validation, test once (see launch/finetune.sh)",
+    ),
     "eval": (
         "ptrain_demo.eval:EvalWithProbeConfig",
         "ptrain_demo.eval:run",

@@ -13,6 +13,7 @@ Importing this module never imports torch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -170,6 +171,61 @@ class PretrainConfig:
         p.check(not (self.eval.every_steps and not self.data.eval_sources), "eval.every_steps",
                 "eval.every_steps is set but data.eval_sources is empty; give held-out shards or set eval.every_steps=0",
                 also=("data.eval_sources",))
+        p.raise_any()
+
+
+@dataclass
+class FinetuneEvalConfig:
+    """Model selection during fine-tuning: the validation split every N epochs, the test split once at the end."""
+
+    every_epochs: int = opt(1, "evaluate data.eval_sources (the validation split) every N epochs and at the end; 0 = never")
+    metric: str = opt("t2v_R1", "the metric that selects the best export (higher is better; MdR/MnR: lower)")
+    select_on: Literal["val", "test"] = opt(
+        "val", "val: select on the validation split (no split: the last epoch is kept, and the results say so); "
+               "test: select on the test split, only when asked (the results then say so in words)")
+    batch_size: int = opt(32, "videos per eval batch")
+    protocol: Literal["auto", "single", "multi", "paragraph"] = opt("auto", "the benchmark protocol (see ptrain eval)")
+    max_samples: int = opt(0, "evaluate the first N videos only (0 = all)")
+
+    def __post_init__(self):
+        p = Problems()
+        p.check(self.every_epochs >= 0, "every_epochs", f"every_epochs must be >= 0 (0 = never), got {self.every_epochs}")
+        p.check(bool(re.fullmatch(r"(t2v|v2t|v2t_strict)_(R\d+|MdR|MnR)", self.metric)), "metric",
+                f"metric must be like t2v_R1, v2t_R5, t2v_MdR or v2t_strict_MnR, got {self.metric!r}")
+        p.check(self.batch_size >= 1, "batch_size", f"batch_size must be >= 1, got {self.batch_size}")
+        p.check(self.max_samples >= 0, "max_samples", f"max_samples must be >= 0, got {self.max_samples}")
+        p.raise_any()
+
+
+@dataclass
+class FinetuneConfig:
+    """``ptrain finetune``: a benchmark recipe from a pretraining export, an imported checkpoint or a CLIP."""
+
+    init: str = opt("", "what the model starts from: an export dir, a run or step_N dir (its export; every tensor, "
+                        "heads included), a `ptrain convert` export, or a CLIP (OpenAI .pt, HF dir or id, or a named "
+                        "random size) with fresh heads initialised as CLIP4Clip does")
+    benchmark: str = opt("", "the benchmark's name, for results and reports (msrvtt, msvd, lsmdc, ...)")
+    run_dir: str = opt("runs/finetune", "run directory: config.yaml, metrics.jsonl, checkpoints/, best/, results/")
+    epochs: int = opt(5, "epochs over data.sources (an epoch counts every (video, caption) pair with "
+                         "data.caption_sampling=expand, every video otherwise)")
+    seed: int = opt(0, "seed of the data order, the caption draws and the augmentations")
+    test: list[str] = opt([], "test split shards, evaluated once at the end with the selected export")
+    model: ModelConfig = section(ModelConfig, "the video-text model (architecture from init when it is an export)")
+    data: DataConfig = section(DataConfig, "training shards (sources) and the validation split (eval_sources)")
+    optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
+    engine: EngineConfig = section(EngineConfig, "DeepSpeed engine")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints and resume (every_steps 0 = every epoch)")
+    log: LogConfig = section(LogConfig, "logging")
+    eval: FinetuneEvalConfig = section(FinetuneEvalConfig, "model selection and the final test")
+
+    def __post_init__(self):
+        p = Problems()
+        p.check(bool(self.init), "init", "init is required: init=EXPORT_DIR (a pretraining or converted export) or "
+                                         "init=CLIP (an OpenAI .pt, a HF dir or id, or ViT-B/32 for random weights)")
+        p.check(bool(self.run_dir), "run_dir", "run_dir is required: the directory for checkpoints, logs and results")
+        p.check(self.epochs >= 1, "epochs", f"epochs must be >= 1, got {self.epochs}")
+        p.check(not (self.eval.select_on == "test" and not self.test), "eval.select_on",
+                "eval.select_on=test needs test=[DIR] (the test split's shards)", also=("test",))
         p.raise_any()
 
 

@@ -168,25 +168,45 @@ def retrieval(model, emb: dict[str, Any], protocol: str = "single", caption_filt
     return out
 
 
-def evaluate_during_training(module, data_cfg: DataConfig, model_cfg: ModelConfig,
-                             cfg: EvalDuringTrainConfig) -> dict[str, float]:
-    """All ranks embed their share of ``data_cfg.eval_sources``; every rank returns the metrics (auto protocol)."""
+def score_split(model, shards: list[str], *, batch_size: int, protocol: str = "auto", max_samples: int = 0,
+                tokenizer: str | None = None, data_cfg: DataConfig | None = None, **retrieval_opts
+                ) -> tuple[dict[str, Any], str, dict[str, Any], Any]:
+    """Embed ``shards`` on every rank and score them: ``(metrics, protocol, embeddings, loader)``."""
     from ptrain.data import build_eval_loader
 
-    loader = build_eval_loader(data_cfg, num_frames=model_cfg.num_frames, frame_size=model_cfg.frame_size,
-                               max_words=model_cfg.max_words, batch_size=cfg.batch_size, rank=du.rank(),
-                               world_size=du.world_size(), tokenizer=model_cfg.tokenizer or None, all_captions=True)
+    mc = model.cfg
+    loader = build_eval_loader(data_cfg or DataConfig(num_workers=0), num_frames=mc.num_frames,
+                               frame_size=mc.frame_size, max_words=mc.max_words, batch_size=batch_size,
+                               sources=list(shards), tokenizer=tokenizer, rank=du.rank(), world_size=du.world_size(),
+                               all_captions=True)
+    emb = embed(model, loader, max_samples, reversed_too=retrieval_opts.pop("reversed_too", False))
+    protocol = detect_protocol(emb["items"]) if protocol == "auto" else protocol
+    return retrieval(model, emb, protocol, **retrieval_opts), protocol, emb, loader
+
+
+_TRAINING_KEYS = ("R1", "R5", "R10", "MdR", "MnR")
+
+
+def embed_split(module, shards: list[str], model_cfg: ModelConfig, cfg, tokenizer: str | None = None) -> dict[str, float]:
+    """Retrieval metrics of ``shards`` with a model being trained (every rank gets them; eval mode meanwhile).
+    ``cfg``: a section with ``batch_size``, ``max_samples`` and optionally ``protocol``."""
     was_training = module.training
     module.eval()
     try:
-        emb = embed(module, loader, cfg.max_samples)
-        # every rank computes the same matrix: under ZeRO-3 similarity() gathers head weights collectively
-        protocol = detect_protocol(emb["items"])
-        m = retrieval(module, emb, protocol)
+        # every rank computes the same metrics: under ZeRO-3 similarity() gathers head weights collectively
+        m, protocol, _, _ = score_split(module, shards, batch_size=cfg.batch_size, max_samples=cfg.max_samples,
+                                        protocol=getattr(cfg, "protocol", "auto"),
+                                        tokenizer=tokenizer or model_cfg.tokenizer or None)
     finally:
         module.train(was_training)
-    keys = ("t2v_R1", "t2v_R5", "t2v_R10", "t2v_MdR", "t2v_MnR", "v2t_R1", "v2t_R5", "v2t_R10", "n_text", "chance_R1")
+    keys = [f"{d}_{k}" for d in ("t2v", "v2t", "v2t_strict") for k in _TRAINING_KEYS] + ["n_text", "chance_R1"]
     return {k: float(m[k]) for k in keys if k in m}
+
+
+def evaluate_during_training(module, data_cfg: DataConfig, model_cfg: ModelConfig,
+                             cfg: EvalDuringTrainConfig) -> dict[str, float]:
+    """All ranks embed their share of ``data_cfg.eval_sources``; every rank returns the metrics (auto protocol)."""
+    return embed_split(module, [s["path"] for s in data_cfg.eval_sources], model_cfg, cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,9 +278,9 @@ def _missing_videos(shard_dirs: list[str]) -> int | None:
     return total if found else None
 
 
-def _print_table(name: str, m: dict[str, float]) -> None:
-    print(f"{name}: {int(m.get('n_text', 0))} queries x {int(m.get('n_video', 0))} videos "
-          f"(chance R@1 {m.get('chance_R1', 0):.1f}%)")
+def _print_table(name: str, m: dict[str, float], protocol: str) -> None:
+    print(f"{name}: {int(m.get('n_text', 0))} captions x {int(m.get('n_video', 0))} videos "
+          f"({protocol} protocol, chance R@1 {m.get('chance_R1', 0):.1f}%)")
     for d in ("t2v", "v2t", "v2t_strict"):
         if d + "_R1" not in m or (d == "v2t_strict" and m["n_text"] == m.get("n_v2t_queries")):
             continue
@@ -294,41 +314,33 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(cfg: EvalConfig, reversed_too: bool = False) -> tuple[dict[str, Any], Any, dict[str, Any]]:
-    """Embed ``cfg.shards`` with ``cfg.export``, print the retrieval tables and return ``(results, model, emb)``:
-    the model and the embeddings (``embed``'s dict, ``reversed_too``: with the reversed clips) are for callers
-    that score more on them (``ptrain_demo.eval``'s direction probe)."""
-    from ptrain.checkpoint import find_export
-    from ptrain.data import build_eval_loader
-    from ptrain.model.api import load
-
-    t0 = time.perf_counter()
-    if du.launched():
-        du.init()
-    export = find_export(cfg.export)
-    device = _device(cfg.device)
-    model = load(export, map_location=device, dtype=torch.bfloat16 if cfg.dtype == "bf16" else None)
+def score_export(model, export, device: torch.device, cfg, reversed_too: bool = False) -> dict[str, Any]:
+    """The results dict of ``model`` (loaded from ``export``) on ``cfg.shards`` (an ``EvalConfig``-like section):
+    every number, the protocol, counts, the missing videos, the data and export used (``_emb``: the embeddings)."""
     mc = model.cfg
-    data_cfg = DataConfig(num_workers=cfg.num_workers, frame_sampling=cfg.frame_sampling)
-    loader = build_eval_loader(data_cfg, num_frames=mc.num_frames, frame_size=mc.frame_size, max_words=mc.max_words,
-                               batch_size=cfg.batch_size, sources=list(cfg.shards), tokenizer=model.tokenizer_path,
-                               rank=du.rank(), world_size=du.world_size(), all_captions=True)
-    fit = check_shards_fit(loader, mc, cfg.allow_resize)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+    data_cfg = DataConfig(num_workers=getattr(cfg, "num_workers", 0),
+                          frame_sampling=getattr(cfg, "frame_sampling", "uniform"))
+    bf16 = getattr(cfg, "dtype", "fp32") == "bf16"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        bank = None
+        if getattr(cfg, "qb_norm", False):
+            _, _, bank_emb, _ = score_split(model, cfg.qb_norm_bank, batch_size=cfg.batch_size, data_cfg=data_cfg,
+                                            tokenizer=model.tokenizer_path)
+            bank = queries(bank_emb, "multi" if "captions" in bank_emb else "single")[0]
+        from ptrain.data import build_eval_loader
+
+        loader = build_eval_loader(data_cfg, num_frames=mc.num_frames, frame_size=mc.frame_size,
+                                   max_words=mc.max_words, batch_size=cfg.batch_size, sources=list(cfg.shards),
+                                   tokenizer=model.tokenizer_path, rank=du.rank(), world_size=du.world_size(),
+                                   all_captions=True)
+        fit = check_shards_fit(loader, mc, getattr(cfg, "allow_resize", False))
         emb = embed(model, loader, cfg.max_samples, reversed_too=reversed_too)
         protocol = detect_protocol(emb["items"]) if cfg.protocol == "auto" else cfg.protocol
-        bank = None
-        if cfg.qb_norm:
-            bank_loader = build_eval_loader(data_cfg, num_frames=mc.num_frames, frame_size=mc.frame_size,
-                                            max_words=mc.max_words, batch_size=cfg.batch_size,
-                                            sources=list(cfg.qb_norm_bank), tokenizer=model.tokenizer_path,
-                                            rank=du.rank(), world_size=du.world_size(), all_captions=True)
-            bank_emb = embed(model, bank_loader)
-            bank = queries(bank_emb, "multi" if "captions" in bank_emb else "single")[0]
+        dsl, caption_filter = getattr(cfg, "dsl", False), getattr(cfg, "caption_filter", "")
         results: dict[str, Any] = {
             "export": str(export), "head": mc.head, "shards": list(cfg.shards), "protocol": protocol,
             "protocol_from": "the shards" if cfg.protocol == "auto" else "protocol=",
-            "device": str(device), "dtype": cfg.dtype, "world_size": du.world_size(),
+            "device": str(device), "dtype": "bf16" if bf16 else "fp32", "world_size": du.world_size(),
             "n_videos": len(emb["items"]), "missing_videos": _missing_videos(list(cfg.shards)),
             "frames": fit, "model": {"num_frames": mc.num_frames, "frame_size": mc.frame_size,
                                      "max_words": mc.max_words},
@@ -341,14 +353,54 @@ def evaluate(cfg: EvalConfig, reversed_too: bool = False) -> tuple[dict[str, Any
                   f"protocol {protocol} ({results['protocol_from']}), {device}")
             if skipped:
                 print(f"  skipped while reading: {skipped}")
-        results["all"] = retrieval(model, emb, protocol, dsl=cfg.dsl, bank=bank)
-        if cfg.caption_filter:
-            results["filtered"] = retrieval(model, emb, protocol, cfg.caption_filter, dsl=cfg.dsl, bank=bank)
+        results["all"] = retrieval(model, emb, protocol, dsl=dsl, bank=bank)
+        if caption_filter:
+            results["filtered"] = retrieval(model, emb, protocol, caption_filter, dsl=dsl, bank=bank)
+    results["_emb"] = emb
+    return results
+
+
+def retrieval_on_export(export, shards: list[str], cfg) -> dict[str, Any]:
+    """Load ``export`` on this rank's device and score ``shards`` (every rank takes part; the fine-tune's final test)."""
+    from ptrain.model.api import load
+
+    device = du.device()
+    model = load(export, map_location=device)
+    results = score_export(model, export, device, _Shards(cfg, shards))
+    results.pop("_emb")
+    return results
+
+
+class _Shards:
+    """An eval section with its shards given apart (``score_export`` reads ``cfg.shards``)."""
+
+    def __init__(self, section, shards: list[str]):
+        self._section, self.shards = section, list(shards)
+
+    def __getattr__(self, name):
+        return getattr(self._section, name)
+
+
+def evaluate(cfg: EvalConfig, reversed_too: bool = False) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """Embed ``cfg.shards`` with ``cfg.export``, print the retrieval tables and return ``(results, model, emb)``:
+    the model and the embeddings (``embed``'s dict, ``reversed_too``: with the reversed clips) are for callers
+    that score more on them (``ptrain_demo.eval``'s direction probe)."""
+    from ptrain.checkpoint import find_export
+    from ptrain.model.api import load
+
+    t0 = time.perf_counter()
+    if du.launched():
+        du.init()
+    export = find_export(cfg.export)
+    device = _device(cfg.device)
+    model = load(export, map_location=device, dtype=torch.bfloat16 if cfg.dtype == "bf16" else None)
+    results = score_export(model, export, device, cfg, reversed_too=reversed_too)
+    emb = results.pop("_emb")
     results["seconds"] = round(time.perf_counter() - t0, 3)
     if du.is_main():
-        _print_table(f"{protocol} protocol", results["all"])
+        _print_table("all captions", results["all"], results["protocol"])
         if cfg.caption_filter:
-            _print_table(f"captions matching {cfg.caption_filter!r}", results["filtered"])
+            _print_table(f"captions matching {cfg.caption_filter!r}", results["filtered"], results["protocol"])
     return results, model, emb
 
 

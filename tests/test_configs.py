@@ -46,7 +46,8 @@ def test_shipped_config_validates(path):
     if cls is None:
         pytest.skip(f"no verb known for {path.relative_to(CONFIGS)}")
     # keys a recipe leaves to the command line (where the data lives) get placeholders
-    placeholders = {"ShardConfig": {"videos": "/in/videos", "captions": "/in/caption.json", "out": "/out"}}
+    placeholders = {"ShardConfig": {"videos": "/in/videos", "captions": "/in/caption.json", "out": "/out"},
+                    "FinetuneConfig": {"init": "ViT-B/32"}}
     extra = [f"{k}={v}" for k, v in placeholders.get(cls.__name__, {}).items() if k not in data]
     cfg = load_config(cls, path, extra)
     if cls is PretrainConfig:
@@ -79,3 +80,22 @@ def test_cross_section_checks_are_sentences():
         load_config(PretrainConfig, None, ["engine.zero_stage=5"])
     with pytest.raises(ConfigError, match="export is required"):
         load_config(EvalConfig, None, ["shards=[x]"])
+
+
+def test_finetune_recipes_per_benchmark_and_head():
+    """meanP, seqTransf and TDB+TAB for every benchmark, each with the paper's number (or why none) and its command,
+    sharing one base file per benchmark; the papers' frames, words and rates."""
+    from ptrain.configs import FinetuneConfig
+
+    for bench, frames, words in (("msrvtt", 12, 32), ("msvd", 12, 32), ("lsmdc", 12, 32), ("activitynet", 64, 64),
+                                 ("didemo", 64, 64), ("vatex", 12, 32)):
+        for head in ("meanP", "seqTransf", "tdb_tab"):
+            path = CONFIGS / "finetune" / f"{bench}_{head}.yaml"
+            text = path.read_text()
+            assert "# Paper (t2v): " in text and f"launch/finetune.sh configs/finetune/{bench}_{head}.yaml" in text
+            assert f"include: base_{bench}.yaml" in text and len(text.splitlines()) < 20  # shared values live in the base
+            cfg = load_config(FinetuneConfig, path, ["init=ViT-B/32"])
+            assert (cfg.model.num_frames, cfg.model.max_words, cfg.benchmark) == (frames, words, bench)
+            assert (cfg.optim.lr, cfg.optim.coef_lr, cfg.epochs) == (1e-4, 1e-3, 5)
+            assert cfg.engine.micro_batch_size * (8 if frames == 64 else 4) == 128
+            assert cfg.model.head == {"tdb_tab": "TAB"}.get(head, head)
