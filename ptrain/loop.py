@@ -159,12 +159,13 @@ def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Pos
                     log.info(f"loader: skipped {skipped} unreadable sample(s) so far ({dict(loader.stats)})")
                     reported_skips = skipped
                 window = _Window(dev)
-        if saving:
-            log.info(f"checkpoint {save(pos)}")
-            window.restart_clock()  # saving is not training time
+        # evaluate before saving: what the evaluation decides (a fine-tune's best-so-far) travels in the checkpoint
         if evaluate is not None and cadence.eval_every and (done % cadence.eval_every == 0 or last):
             log.metrics(done, evaluate(done), prefix="eval")
             window.restart_clock()
+        if saving:
+            log.info(f"checkpoint {save(pos)}")
+            window.restart_clock()  # saving is not training time
     return pos
 
 
