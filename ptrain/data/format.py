@@ -186,7 +186,7 @@ def make_sidecar(shard: str, keys: list[str], offsets: list[list[int]], size: in
                  **extra: Any) -> dict[str, Any]:
     """The sidecar of a committed tar: ``shard`` (file name), ``samples``, ``keys`` (sorted), ``offsets``
     (``[start, length]`` of each key's members, in key order), ``bytes``, ``sha256``, ``format_version`` and the
-    writer's ``extra`` fields (``plan_hash``, ``versions``)."""
+    writer's ``extra`` fields (``plan_hash``, ``versions``, optionally ``captions``: caption counts in key order)."""
     return {"shard": shard, "samples": len(keys), "keys": list(keys), "offsets": [list(o) for o in offsets],
             "bytes": int(size), "sha256": sha256, "format_version": FORMAT_VERSION, **extra}
 
@@ -225,6 +225,10 @@ def check_sidecar(data: Any, where: str) -> dict[str, Any]:
                 raise bad(f"the span {o} is longer than a sample can be ({MAX_SAMPLE_BYTES} bytes)")
             if size is not None and o[0] + o[1] > size:
                 raise bad(f"the span {o} lies past the end of the {size}-byte tar")
+    captions = data.get("captions")
+    if captions is not None and (not isinstance(captions, list) or len(captions) != n or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in captions)):
+        raise bad(f"'captions' must hold one caption count >= 1 per sample ({n})")
     version = data.get("format_version", 1)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise bad(f"'format_version' must be a positive integer, got {version!r}")
