@@ -96,6 +96,10 @@ def test_export_loads_and_matches_the_consolidated_weights(trained):
     text = model.encode_text(["the red circle moves to the left"])
     video = model.encode_video(torch.randint(0, 255, (2, 3, 3, 32, 32), dtype=torch.uint8))
     assert model.similarity(text, video).shape == (1, 2)
+    # the model card says which run, step and data made it
+    card = (ckpt / "export" / "README.md").read_text()
+    assert f"| run_dir | {trained['run']} |" in card and "| step | 6 |" in card
+    assert f"| data sources | {trained['shards']} |" in card and "| init | tiny |" in card
 
 
 def test_rerun_resumes_and_finds_nothing_to_do(trained):
