@@ -149,6 +149,27 @@ def test_ptrain_eval_reports_metrics(trained, tmp_path):
     assert result["export"].endswith("step_00000006/export")
 
 
+def test_report_reads_a_real_run_and_its_eval(trained, tmp_path):
+    """`ptrain report` on what `ptrain pretrain` and `ptrain eval` really write: the run's curves (eval rows carry
+    no epoch: placed by the train rows'), the eval row's numbers, the head and init from config.yaml."""
+    from ptrain.report import ReportConfig, build_report
+
+    results = tmp_path / "eval" / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "ptrain", "eval", f"export={trained['run']}",
+                           f"shards=[{trained['shards']}]", f"out={results}"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text, runs, rows, series = build_report(ReportConfig(runs=[str(trained["run"]), str(results)]))
+    m = json.loads(results.read_text())["all"]
+    assert rows[0].head == "seqTransf" and rows[0].metrics == m and f"| {m['t2v_R1']:.1f} |" in text
+    curves = series["run"]
+    assert [x for x, _ in curves["loss"]] == [1, 2, 3, 4, 5, 6] and len(curves["lr_clip"]) == 6
+    rows_ = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
+    epoch_at = {r["step"]: r["epoch"] for r in rows_ if r["kind"] == "train"}
+    assert [x for x, _ in curves["val_r1"]] == pytest.approx([epoch_at[3], epoch_at[6]])
+    assert "| run | seqTransf | tiny | 6 |" in text
+
+
 def test_non_finite_loss_stops_with_a_message(tmp_path):
     shards = tmp_path / "shards"
     write_shards(shards, num_shards=1, samples_per_shard=8, frames=(3,), size=(32, 32))

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ptrain.model.registry import head_spec
+from ptrain.model.registry import head_label, head_spec
 
 HF_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
             "preprocessor_config.json", "README.md")
@@ -110,18 +110,6 @@ def _cell(value: Any) -> str:
     return _text(value).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
-def head_label(model: dict) -> str:
-    """The head as the papers name it: ``seqTransf``; TAB with its global branch, ``TDB+TAB`` (CLIP2Video)."""
-    head = str(model.get("head", "?"))
-    try:
-        spec = head_spec(head)
-    except ValueError:
-        return head
-    if not spec.alignment:
-        return head
-    return f"{model.get('tab_global', 'TDB')}+{head}"
-
-
 def _head_text(model: dict) -> str:
     try:
         spec = head_spec(str(model.get("head")))
@@ -163,7 +151,7 @@ def model_card(section: dict[str, Any], clip_config: dict[str, Any], info: dict[
     ``info``: how it was made (run dir, steps, data sources; or the converted checkpoint); ``results``: a
     results.json of ``ptrain eval`` (or a fine-tune's), when known."""
     model = section.get("model", {})
-    label = head_label(model)
+    label = head_label(str(model.get("head", "?")), str(model.get("tab_global", "TDB")))
     T, S, L = model.get("num_frames"), model.get("frame_size"), model.get("max_words")
     v, t = clip_config.get("vision_config", {}), clip_config.get("text_config", {})
     lines = [
