@@ -183,7 +183,8 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
         except ValueError:
             bad += 1  # e.g. a line torn by a crash
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and not isinstance(row["step"], bool):
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step):
             rows.append(row)
         else:
             bad += 1
@@ -562,7 +563,8 @@ def build_report(cfg: ReportConfig) -> tuple[str, list[Run], list[Row], dict[str
     lines += ["", "## Sources", ""]
     for r in rows:
         m = r.metrics
-        size = f"{int(m['n_text'])} queries x {int(m['n_video'])} videos" if "n_text" in m and "n_video" in m else ""
+        counted = all(isinstance(m.get(k), (int, float)) and math.isfinite(m[k]) for k in ("n_text", "n_video"))
+        size = f"{int(m['n_text'])} queries x {int(m['n_video'])} videos" if counted else ""
         extra = ", ".join(x for x in (f"protocol {r.protocol}", size, f"split {r.split}" if r.split else "",
                                       f"selected on {r.selected_on}" if r.selected_on else "") if x)
         lines.append(f"- {_md(r.label)}: `{r.source}` ({extra})")

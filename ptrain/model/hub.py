@@ -21,6 +21,7 @@ No torch import: this only writes files.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -121,6 +122,13 @@ def _head_text(model: dict) -> str:
     return f"{spec.summary}; its global branch is {glob.name}, {glob.summary}"
 
 
+def _metric(value: Any) -> str:
+    """A number as the card prints it; '–' for anything else (a results file is read, not trusted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "–"
+    return _cell(float(value))
+
+
 def _results_section(results: dict[str, Any]) -> list[str]:
     """The eval numbers of a ``ptrain eval`` / ``ptrain finetune`` results.json as a table."""
     m = results.get("all") if isinstance(results.get("all"), dict) else {}
@@ -128,7 +136,7 @@ def _results_section(results: dict[str, Any]) -> list[str]:
     if not ks:
         return ["The results given with this export hold no retrieval metrics."]
     what = [f"protocol **{_cell(results.get('protocol', '?'))}**"]
-    if "n_text" in m and "n_video" in m:
+    if all(isinstance(m.get(k), (int, float)) and math.isfinite(m[k]) for k in ("n_text", "n_video")):
         what.append(f"{int(m['n_text'])} queries x {int(m['n_video'])} videos")
     for key, label in (("benchmark", "benchmark"), ("split", "split"), ("selected_on", "selected on"),
                        ("shards", "shards")):
@@ -139,9 +147,8 @@ def _results_section(results: dict[str, Any]) -> list[str]:
     names = [("t2v", "text -> video"), ("v2t", "video -> text"), ("v2t_strict", "video -> text (strict)")]
     for d, name in names:
         if f"{d}_R1" in m:
-            cells = [_cell(float(m.get(f"{d}_R{k}", float("nan")))) for k in ks]
-            lines.append(f"| {name} | " + " | ".join(cells) +
-                         f" | {_cell(float(m.get(f'{d}_MdR', float('nan'))))} | {_cell(float(m.get(f'{d}_MnR', float('nan'))))} |")
+            cells = [_metric(m.get(f"{d}_{k}")) for k in [f"R{k}" for k in ks] + ["MdR", "MnR"]]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
