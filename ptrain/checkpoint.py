@@ -6,7 +6,8 @@ Layout of ``RUN/checkpoints/step_NNNNNNNN/`` (NNNNNNNN = optimizer steps done):
     zero_to_fp32.py       DeepSpeed's offline consolidation script (written by DeepSpeed)
     consolidated/         full fp32 weights (weights.safetensors) + full Adam moments (moments.safetensors)
     rng/rank_NNNNN.*      each rank's torch / numpy / python RNG state
-    export/               model.safetensors + config.json: what downstream jobs read (ptrain.load)
+    export/               model.safetensors + config.json: what downstream jobs read (ptrain.load); also the
+                          Hugging Face tokenizer/preprocessor files and README.md (run dir, step, data sources)
     trainer_state.json    step, samples seen, data cursor, world size, ZeRO stage, precision
     COMPLETE              written last; a directory without it is ignored and pruned
 
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from ptrain import distributed as du
@@ -116,7 +118,36 @@ def find_export(path: str | Path) -> Path:
 _EXPORT_TWIN: dict[str, Any] = {}
 
 
-def export_weights(module, model_cfg: ModelConfig, weights: dict[str, torch.Tensor], out: Path) -> Path:
+def card_info(run_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
+    """What an export's model card says about the run that wrote it: the run directory, the step, and from
+    ``RUN/config.yaml`` (written at the run's start) the data sources and what the model started from."""
+    info: dict[str, Any] = {"made by": "a ptrain training run (checkpoint export)", "run_dir": str(run_dir),
+                            "step": state.get("step"), "samples seen": state.get("samples_seen")}
+    try:
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        cfg = None
+    if isinstance(cfg, dict):
+        data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+        for key, label in (("sources", "data sources"), ("eval_sources", "eval sources")):
+            entries = data.get(key) if isinstance(data.get(key), list) else []
+            info[label] = [_source_text(e) for e in entries]
+        model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+        info["init"] = cfg.get("init") or model.get("clip")  # a fine-tune names its init; a pretraining run its CLIP
+        info["max_steps"] = cfg.get("max_steps")
+    return {k: v for k, v in info.items() if v not in (None, [], "")}
+
+
+def _source_text(entry: Any) -> str:
+    """A data source as the card lists it: its path, and its weight when mixing."""
+    if not isinstance(entry, dict):
+        return str(entry)
+    weight = entry.get("weight")
+    return f"{entry.get('path')}" + ("" if weight in (None, 1, 1.0) else f" (weight {weight})")
+
+
+def export_weights(module, model_cfg: ModelConfig, weights: dict[str, torch.Tensor], out: Path,
+                   info: dict[str, Any] | None = None) -> Path:
     """Rank 0: load gathered fp32 ``weights`` into a plain (non-DeepSpeed) twin of ``module`` and ``save_export`` it.
 
     The twin is built from the module's own CLIP config (not from ``model_cfg.clip``, which may name an export or an
@@ -139,7 +170,7 @@ def export_weights(module, model_cfg: ModelConfig, weights: dict[str, torch.Tens
         _EXPORT_TWIN[key] = twin
     twin.load_state_dict(weights, strict=True)
     twin.tokenizer_path = getattr(module, "tokenizer_path", None)
-    return save_export(twin, out)
+    return save_export(twin, out, info=info)
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -177,8 +208,10 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, model_cfg: ModelConfig, run_dir: str | Path, state: dict[str, Any], cfg: CheckpointConfig) -> Path:
-    """Write ``step_{state['step']}`` (every rank must call this); returns its path."""
+def save(engine, model_cfg: ModelConfig, run_dir: str | Path, state: dict[str, Any], cfg: CheckpointConfig,
+         card: dict[str, Any] | None = None) -> Path:
+    """Write ``step_{state['step']}`` (every rank must call this); returns its path. ``card``: more lines for the
+    export's model card (beside :func:`card_info`'s)."""
     rank = du.rank()
     out = step_dir(run_dir, state["step"])
     if rank == 0:
@@ -197,7 +230,7 @@ def save(engine, model_cfg: ModelConfig, run_dir: str | Path, state: dict[str, A
         save_file(weights, str(out / "consolidated" / "weights.safetensors"))
         if cfg.consolidated_optimizer and moments:
             save_file(moments, str(out / "consolidated" / "moments.safetensors"))
-        export_weights(engine.module, model_cfg, weights, out / "export")
+        export_weights(engine.module, model_cfg, weights, out / "export", {**card_info(run_dir, state), **(card or {})})
         _write_json(out / STATE_FILE, state)
     du.barrier()
     if rank == 0:

@@ -4,12 +4,14 @@ Each verb names its root config dataclass and its ``run(cfg)`` function as impor
 ``ptrain``, ``ptrain --version`` and ``ptrain VERB --help`` never import torch, ray or deepspeed. A
 ``--local_rank=N`` that a launcher puts among the arguments (``deepspeed --module ptrain ...``, or
 ``deepspeed launch/pretrain.sh ...``, which runs that file with Python) is taken out: ranks read
-``LOCAL_RANK`` from the environment.
+``LOCAL_RANK`` from the environment. A config class with ``POSITIONAL = "key"`` takes its bare arguments as that
+list key instead of a config file (``ptrain report RUN_A RUN_B`` = ``ptrain report runs=[RUN_A,RUN_B]``).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 
@@ -46,6 +48,11 @@ VERBS: dict[str, tuple[str, str, str]] = {
         "ptrain.model.config:ConvertConfig",
         "ptrain.model.convert:run",
         "import a CLIP4Clip / CLIP2Video checkpoint (or OpenAI/HF CLIP) into a ptrain export directory",
+    ),
+    "report": (
+        "ptrain.report:ReportConfig",
+        "ptrain.report:run",
+        "runs' results side by side with the papers' numbers (report.md) + training curves (PNG)",
     ),
 }
 
@@ -109,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg_ref, run_ref, summary = VERBS[verb]
     cfg_cls = _resolve(cfg_ref)
+    listed = getattr(cfg_cls, "POSITIONAL", "")
     if any(a in ("-h", "--help") for a in rest):
-        _print_help("\n".join([f"ptrain {verb} [CONFIG.yaml] [dotted.key=value ...]", "", summary, "", "keys:",
+        inputs = f"{listed.upper()}..." if listed else "[CONFIG.yaml]"
+        _print_help("\n".join([f"ptrain {verb} {inputs} [dotted.key=value ...]", "", summary, "", "keys:",
                                 *config_help(cfg_cls)]))
         return 0
     stray = [a for a in rest if a.startswith("--")]
@@ -123,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     path = None
-    if rest and "=" not in rest[0]:
+    if listed:  # a verb whose bare arguments are its inputs (`ptrain report RUN...`), not a config file
+        bare = [a for a in rest if "=" not in a]
+        rest = [a for a in rest if "=" in a] + ([f"{listed}={json.dumps(bare)}"] if bare else [])
+    elif rest and "=" not in rest[0]:
         path, rest = rest[0], rest[1:]
     try:
         cfg = load_config(cfg_cls, path, rest)

@@ -194,7 +194,9 @@ class _Selection:
         if du.is_main():
             tmp = self.export_dir.with_name("export.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            ckpt.export_weights(self.engine.module, self.model_cfg, weights, tmp)
+            info = {**ckpt.card_info(self.run_dir, {"step": step}), "benchmark": self.cfg.benchmark,
+                    "selected": f"step {step} ({'best ' + self.cfg.eval.metric if self.split else 'the last epoch'})"}
+            ckpt.export_weights(self.engine.module, self.model_cfg, weights, tmp, info)
             (tmp / "selection.json").write_text(json.dumps({"step": step}))
             shutil.rmtree(self.export_dir, ignore_errors=True)
             tmp.rename(self.export_dir)
@@ -223,5 +225,16 @@ class _Selection:
                        best=self.best, run_dir=str(self.run_dir))
         if du.is_main():
             write_results(str(self.run_dir / "results" / "test.json"), results)
+            _card_with_results(self.export_dir, results)
             self.log.info(f"test ({results['protocol']}): t2v R@1 {results['all']['t2v_R1']:.1f} -- {words}")
             self.log.info(markdown(results))
+
+
+def _card_with_results(export: Path, results: dict[str, Any]) -> None:
+    """Rewrite the export's model card with its test results (the rest of the export is unchanged)."""
+    from ptrain.model.hub import model_card, write_atomic
+
+    config = json.loads((export / "config.json").read_text())
+    section = config.pop("ptrain")
+    info = {"benchmark": results.get("benchmark"), "init": results.get("init"), "selection": results.get("selection")}
+    write_atomic(export, "README.md", model_card(section, config, info, results).encode("utf-8"))

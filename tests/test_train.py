@@ -96,6 +96,10 @@ def test_export_loads_and_matches_the_consolidated_weights(trained):
     text = model.encode_text(["the red circle moves to the left"])
     video = model.encode_video(torch.randint(0, 255, (2, 3, 3, 32, 32), dtype=torch.uint8))
     assert model.similarity(text, video).shape == (1, 2)
+    # the model card says which run, step and data made it
+    card = (ckpt / "export" / "README.md").read_text()
+    assert f"| run_dir | {trained['run']} |" in card and "| step | 6 |" in card
+    assert f"| data sources | {trained['shards']} |" in card and "| init | tiny |" in card
 
 
 def test_rerun_resumes_and_finds_nothing_to_do(trained):
@@ -143,6 +147,27 @@ def test_ptrain_eval_reports_metrics(trained, tmp_path):
     assert result["all"]["n_video"] == result["all"]["n_text"] > 0
     assert result["filtered"]["n_text"] < result["all"]["n_text"]
     assert result["export"].endswith("step_00000006/export")
+
+
+def test_report_reads_a_real_run_and_its_eval(trained, tmp_path):
+    """`ptrain report` on what `ptrain pretrain` and `ptrain eval` really write: the run's curves (eval rows carry
+    no epoch: placed by the train rows'), the eval row's numbers, the head and init from config.yaml."""
+    from ptrain.report import ReportConfig, build_report
+
+    results = tmp_path / "eval" / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "ptrain", "eval", f"export={trained['run']}",
+                           f"shards=[{trained['shards']}]", f"out={results}"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text, runs, rows, series = build_report(ReportConfig(runs=[str(trained["run"]), str(results)]))
+    m = json.loads(results.read_text())["all"]
+    assert rows[0].head == "seqTransf" and rows[0].metrics == m and f"| {m['t2v_R1']:.1f} |" in text
+    curves = series["run"]
+    assert [x for x, _ in curves["loss"]] == [1, 2, 3, 4, 5, 6] and len(curves["lr_clip"]) == 6
+    rows_ = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
+    epoch_at = {r["step"]: r["epoch"] for r in rows_ if r["kind"] == "train"}
+    assert [x for x, _ in curves["val_r1"]] == pytest.approx([epoch_at[3], epoch_at[6]])
+    assert "| run | seqTransf | tiny | 6 |" in text
 
 
 def test_non_finite_loss_stops_with_a_message(tmp_path):

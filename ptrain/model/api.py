@@ -1,7 +1,7 @@
 """Export and load: the self-describing model directory that downstream jobs read.
 
     from ptrain.model.api import save_export, load
-    save_export(model, "RUN/checkpoints/step_00001000/export")   # model.safetensors + config.json
+    save_export(model, "RUN/checkpoints/step_00001000/export", info={"run_dir": "RUN"})   # + card, HF files
     model = ptrain.load("RUN/checkpoints/step_00001000/export")   # strict: every key must match
 
 Layout of an export directory:
@@ -15,8 +15,14 @@ Layout of an export directory:
   ``vision_model.*``, ``visual_projection.weight``, ``text_projection.weight``, 0-dim ``logit_scale``)
   and the head weights under ``head.*`` / ``tab.*`` (3D patch: ``vision_model.embeddings.patch_embedding_3d.weight``).
 
-So ``transformers.CLIPModel.from_pretrained(export_dir)`` loads the CLIP part (ignoring the head keys)
-and ``ptrain.load`` rebuilds the whole model with a strict key check.
+- for the Hugging Face ecosystem (``ptrain/model/hub.py``): ``vocab.json``, ``merges.txt``,
+  ``tokenizer_config.json``, ``special_tokens_map.json`` (``CLIPTokenizer``, ids equal to ptrain's),
+  ``preprocessor_config.json`` (``CLIPImageProcessor`` at the frame size, CLIP mean/std) and ``README.md``
+  (the model card). ``ptrain.load`` never reads them (exports written before them load as before).
+
+So ``transformers.CLIPModel`` / ``CLIPTokenizer`` / ``CLIPProcessor.from_pretrained(export_dir)`` load the CLIP part
+(ignoring the head keys), its tokenizer and its frame preprocessing, and ``ptrain.load`` rebuilds the whole model
+with a strict key check.
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -39,6 +44,7 @@ from transformers import CLIPConfig, CLIPModel
 from ptrain.data.format import MAX_FRAMES
 from ptrain.model.clip import clip_from_hf_state, enable_3d_patch
 from ptrain.model.config import HEADS, ModelConfig
+from ptrain.model.hub import file_mode, write_atomic, write_hub_files
 from ptrain.model.tokenizer import DEFAULT_VOCAB
 from ptrain.version import __version__
 from ptrain.model.video_text import CLIP_MEAN, CLIP_STD, VideoTextModel
@@ -73,15 +79,15 @@ def _tokenizer_source(model: VideoTextModel) -> Path:
 def _copy_atomic(src: Path, dst: Path) -> None:
     if dst.exists() and os.path.samefile(src, dst):
         return  # re-saving into the export the model was loaded from
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    write_atomic(dst.parent, dst.name, src.read_bytes())  # a fresh temporary: a planted *.tmp symlink is never followed
 
 
 def _copy_vocabulary(model: VideoTextModel, out: Path) -> str:
     """Copy the tokenizer's vocabulary into ``out``; returns its path relative to ``out``."""
     src = _tokenizer_source(model)
     if src.is_dir():  # a Hugging Face tokenizer directory: its two files, under tokenizer/
+        if (out / "tokenizer").is_symlink():  # never write through a link planted in an export saved over
+            (out / "tokenizer").unlink()
         (out / "tokenizer").mkdir(exist_ok=True)
         for name in _HF_TOKENIZER_FILES:
             _copy_atomic(src / name, out / "tokenizer" / name)
@@ -114,11 +120,17 @@ def _ptrain_section(model: VideoTextModel, log_scale: torch.Tensor, vocab: str) 
     }
 
 
-def save_export(model: VideoTextModel, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
-    """Write ``out_dir/{model.safetensors,config.json}`` atomically (files renamed into place).
+def save_export(model: VideoTextModel, out_dir: str | os.PathLike, state_dict: dict | None = None, *,
+                info: dict[str, Any] | None = None, results: dict[str, Any] | None = None) -> Path:
+    """Write the export directory ``out_dir``: ``model.safetensors``, ``config.json``, the vocabulary, the Hugging
+    Face tokenizer / preprocessor files and the ``README.md`` model card, each atomically (renamed into place).
 
     ``state_dict``: pass a consolidated state dict (e.g. DeepSpeed ZeRO-3's 16-bit consolidation on
-    rank 0) when the module's own parameters are partitioned."""
+    rank 0) when the module's own parameters are partitioned. ``info``: how the model was made, for the card
+    (a training checkpoint: run dir, steps, data sources; ``ptrain convert``: the source checkpoint); ``results``:
+    a results.json of ``ptrain eval`` or a fine-tune, when known."""
+    from ptrain.model.tokenizer import get_tokenizer
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = export_state_dict(model, state_dict)
@@ -127,14 +139,16 @@ def save_export(model: VideoTextModel, out_dir: str | os.PathLike, state_dict: d
     config["logit_scale_init_value"] = float(tensors["logit_scale"])
     vocab = _copy_vocabulary(model, out)
     config["ptrain"] = _ptrain_section(model, tensors["logit_scale"], vocab)  # from tensors: ZeRO-3 params may be partitioned
+    # the tokenizer the model itself uses (the same cached instance), so the HF files give its ids
+    tokenizer = get_tokenizer(model.tokenizer_path or model.cfg.tokenizer or None)
+    write_hub_files(out, tokenizer, config["ptrain"], config, info=info, results=results)
     # Write to temporaries in the same directory, then rename: readers never see half a file.
     with tempfile.NamedTemporaryFile(dir=out, suffix=".safetensors.tmp", delete=False) as f:
         tmp_weights = f.name
     save_file(tensors, tmp_weights, metadata={"format": "pt", "ptrain": "export"})
-    tmp_config = out / "config.json.tmp"
-    tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.chmod(tmp_weights, file_mode())  # a temporary is created 0o600; the export is as readable as any new file
     os.replace(tmp_weights, out / "model.safetensors")
-    os.replace(tmp_config, out / "config.json")
+    write_atomic(out, "config.json", json.dumps(config, indent=2, sort_keys=True).encode())
     return out
 
 

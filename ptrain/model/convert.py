@@ -244,17 +244,24 @@ def run(cfg: ConvertConfig) -> int:
         mcfg = ModelConfig(clip=cfg.src, head=head, num_frames=cfg.num_frames, max_words=cfg.max_words,
                            frame_size=clip.config.vision_config.image_size, tab_motion=cfg.tab_motion, tab_weight=cfg.tab_weight)
         model = VideoTextModel(mcfg, clip, scale).eval()
+        info = {"made by": "ptrain convert format=clip: a CLIP with a freshly initialised head (not trained on "
+                           "video yet)", "source": str(cfg.src)}
     else:
         try:
             src = checkpoint_file(cfg.src)
+            sd = read_checkpoint(str(src))
+            fmt = detect_format({k.removeprefix("module."): None for k in sd}) if cfg.format == "auto" else cfg.format
             model = import_reference(
-                read_checkpoint(str(src)), cfg.format, source=str(src), head=cfg.head, num_frames=cfg.num_frames,
+                sd, fmt, source=str(src), head=cfg.head, num_frames=cfg.num_frames,
                 max_words=cfg.max_words, tab_motion=cfg.tab_motion, tab_weight=cfg.tab_weight, compat=cfg.compat,
                 clip_name=str(cfg.src),
             )
         except ValueError as e:  # a checkpoint that does not fit: say so without a traceback
             raise SystemExit(f"ptrain convert: {e}") from None
-    save_export(model, out)
+        info = {"made by": f"ptrain convert: imported from a {'CLIP2Video' if fmt == 'clip2video' else 'CLIP4Clip'} "
+                           "checkpoint (its training data: that run's, not recorded in the checkpoint)",
+                "source checkpoint": str(src), "format": fmt + (" (detected)" if cfg.format == "auto" else "")}
+    save_export(model, out, info=info)
     m = model.cfg
     params = sum(p.numel() for p in model.parameters())
     print(f"ptrain convert: wrote {out} (head={m.head}, linear_patch={m.linear_patch}, frame_size={m.frame_size}, "

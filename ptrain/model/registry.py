@@ -114,6 +114,12 @@ def head_flops(cfg: Any, dim: int, T: int, L: int, pairs: int = 1) -> int:
     return out + (spec.flops(cfg, dim, T, L, pairs) if spec.alignment else 0)
 
 
+def head_label(head: str, tab_global: str = "TDB") -> str:
+    """A head as the papers name it: ``seqTransf``; TAB with its global branch first, ``TDB+TAB`` (CLIP2Video)."""
+    spec = HEADS.get(head)
+    return f"{tab_global}+{head}" if spec is not None and spec.alignment else head
+
+
 def build_head_class(spec: HeadSpec):
     import importlib
 
