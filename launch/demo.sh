@@ -97,6 +97,12 @@ for head in $heads; do
     probe.sample_meta="$demo/raw/sample_meta.json" probe.min_overlap=0.7 out="$demo/eval_finetune_$head.json"
 done
 
+report_args=()
+for head in $heads; do
+  report_args+=("$demo/eval_$head.json" "$demo/eval_finetune_$head.json" "$demo/runs/$head" "$demo/runs/finetune_$head")
+done
+ptrain report "${report_args[@]}" out="$demo/report" >/dev/null  # report.md and training curves (PNG)
+
 say "summary"
 python3 - "$demo" $heads <<'EOF'
 import json, sys
@@ -129,4 +135,5 @@ for h in (h for h in heads if h != "meanP" and base.get("probe_clips")):
         print(f"{h} {verdict} meanP on {name}: {100 * a:.1f}% vs {100 * b:.1f}% "
               f"({100 * (a - b):+.1f} points, 95% interval +-{half:.1f}, {n} held-out clips)")
 EOF
-echo "demo finished in $((SECONDS - t0)) s; runs, shards and metrics under $demo"
+echo "demo finished in $((SECONDS - t0)) s; runs, shards and metrics under $demo; both stages side by side, with the"
+echo "training curves: $demo/report/report.md"
