@@ -1,7 +1,8 @@
 """``ptrain VERB [CONFIG.yaml] [dotted.key=value ...]`` — dispatch only.
 
 Each verb names its root config dataclass and its ``run(cfg)`` function as import strings, so that
-``ptrain``, ``ptrain --version`` and ``ptrain VERB --help`` never import torch, ray or deepspeed. A
+``ptrain``, ``ptrain --version`` and ``ptrain VERB --help`` never import torch, ray or deepspeed. The cluster
+commands (``ptrain submit``, ``ptrain jobs``) take flags of their own: they name a ``main(argv)`` instead. A
 ``--local_rank=N`` that a launcher puts among the arguments (``deepspeed --module ptrain ...``, or
 ``deepspeed launch/pretrain.sh ...``, which runs that file with Python) is taken out: ranks read
 ``LOCAL_RANK`` from the environment.
@@ -49,17 +50,37 @@ VERBS: dict[str, tuple[str, str, str]] = {
     ),
 }
 
+# command -> (main(argv) -> exit status, one-line summary): commands with --flags of their own, no config class
+COMMANDS: dict[str, tuple[str, str]] = {
+    "submit": (
+        "ptrain.cluster:submit_main",
+        "[--address URL] [--follow] [--resubmit] VERB [CONFIG] [key=value ...]: run a verb as a Ray cluster job",
+    ),
+    "jobs": ("ptrain.cluster:jobs_main", "ptrain's jobs on a Ray cluster: list, `logs ID [--follow]`, `stop ID`"),
+}
 
-def _resolve(ref: str):
+
+def resolve(ref: str):
+    """The object an import string ``module:attr`` names (imports the module)."""
     module, attr = ref.split(":")
     return getattr(importlib.import_module(module), attr)
 
 
+_resolve = resolve  # the name launch/launcher.sh uses
+
+
+def config_class(verb: str) -> type:
+    """The root config dataclass of ``verb`` (imports only stdlib-only config modules)."""
+    return resolve(VERBS[verb][0])
+
+
 def usage() -> str:
-    width = max(len(v) for v in VERBS)
+    width = max(len(v) for v in [*VERBS, *COMMANDS])
     lines = ["usage: ptrain VERB [CONFIG.yaml] [dotted.key=value ...]   (ptrain --version)", "", "verbs:"]
     lines += [f"  {v.ljust(width)}  {VERBS[v][2]}" for v in VERBS]
-    lines += ["", "`ptrain VERB --help` lists the verb's keys with their defaults."]
+    lines += ["", "on a Ray cluster (README: Running on a Ray cluster):"]
+    lines += [f"  {v.ljust(width)}  {COMMANDS[v][1]}" for v in COMMANDS]
+    lines += ["", "`ptrain VERB --help` lists the verb's keys with their defaults (or the command's flags)."]
     return "\n".join(lines)
 
 
@@ -100,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         _print_help(f"ptrain {__version__}")
         return 0
     verb, rest = argv[0], argv[1:]
+    if verb in COMMANDS:
+        return int(resolve(COMMANDS[verb][0])(rest))
     if verb not in VERBS:
         import difflib
 
-        close = difflib.get_close_matches(verb, list(VERBS), n=1)
+        close = difflib.get_close_matches(verb, [*VERBS, *COMMANDS], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"ptrain: unknown verb {verb!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
