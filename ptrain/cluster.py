@@ -422,7 +422,7 @@ def submit_main(argv: list[str]) -> int:
             print(f"ptrain submit: --resubmit refused: {_describe(attempts[-1])} is still running the same work; "
                   f"stop it first (`ptrain jobs stop {attempts[-1].submission_id}`)", file=sys.stderr)
             return EXIT_DUPLICATE
-        job_id = key if not attempts else f"{key}-{len(attempts) + 1}"
+        job_id = key if not attempts else f"{key}-{1 + max(_attempt_number(key, j.submission_id) for j in attempts)}"
         with tempfile.TemporaryDirectory(prefix="ptrain-submit-") as tmp:
             config_path = _working_dir(plan["files"], Path(tmp))
             entry = ["ptrain", verb] + ([config_path] if config_path else []) + plan["overrides"]
@@ -450,6 +450,15 @@ def submit_main(argv: list[str]) -> int:
     except ClusterError as e:
         print(f"ptrain submit: {e}", file=sys.stderr)
         return EXIT_CLUSTER
+    except RuntimeError as e:  # the Jobs API's own refusals (a runtime env it cannot set up, a server error)
+        print(f"ptrain submit: the Ray dashboard at {address} refused the job: {str(e).strip()}", file=sys.stderr)
+        return EXIT_CLUSTER
+
+
+def _attempt_number(key: str, job_id: str) -> int:
+    """1 for ``key`` itself, N for ``key-N`` (--resubmit's ids)."""
+    suffix = job_id[len(key) + 1:]
+    return int(suffix) if job_id.startswith(key + "-") and suffix.isdigit() else 1
 
 
 def _when(ms: int | None) -> str:
@@ -507,6 +516,9 @@ def jobs_main(argv: list[str]) -> int:
         return 0
     except ClusterError as e:
         print(f"ptrain jobs: {e}", file=sys.stderr)
+        return EXIT_CLUSTER
+    except RuntimeError as e:
+        print(f"ptrain jobs: the Ray dashboard refused the request: {str(e).strip()}", file=sys.stderr)
         return EXIT_CLUSTER
 
 
@@ -639,6 +651,18 @@ def train_on_ray(cfg: Any, recipe: str, verb: str) -> int:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.use_gpu else {})}
+    missing = {k: v * rc.num_workers for k, v in resources.items()
+               if v * rc.num_workers > ray.cluster_resources().get(k, 0)}
+    if missing:
+        # why: Ray Train would wait for these resources without saying so; a cluster may still grow (autoscaling)
+        have = {k: ray.cluster_resources().get(k, 0) for k in missing}
+        print(f"ptrain {verb}: {rc.num_workers} worker(s) need {missing} in all, the cluster has {have} now; lower "
+              "ray.num_workers / ray.cpus_per_worker / ray.gpus_per_worker, or add nodes"
+              + (" (waiting for them)" if rc.address or os.environ.get("RAY_ADDRESS") else ""), file=sys.stderr,
+              flush=True)
+        if not (rc.address or os.environ.get("RAY_ADDRESS")):  # a Ray of our own never grows
+            ray.shutdown()
+            return 2
     name = f"{verb}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # Ray's own restore stays within one invocation
     storage = Path(cfg.run_dir) / "ray"
     trainer = TorchTrainer(

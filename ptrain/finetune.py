@@ -3,6 +3,7 @@
     launch/finetune.sh configs/finetune/msrvtt_seqTransf.yaml init=runs/howto100m_vitb32_seqTransf
     ptrain finetune configs/finetune/msvd_meanP.yaml init=ViT-B-32.pt data.sources=[shards/msvd_train]
     deepspeed --num_gpus 8 launch/finetune.sh CONFIG init=EXPORT          # every launch form of pretraining works
+    ptrain submit finetune CONFIG init=EXPORT ray.num_workers=4 ray.use_gpu=true   # Ray Train (docs/ray.md)
 
 The same loop, engine and launch forms as ``ptrain pretrain`` (``ptrain.loop.fit``), with what makes it a
 fine-tune: every tensor of ``init`` (heads included) or fresh CLIP4Clip-initialised heads on a CLIP; a fresh

@@ -5,10 +5,11 @@
     deepspeed --num_gpus 2 launch/pretrain.sh CONFIG.yaml [key=value ...]   # the launcher's own form
     torchrun --nproc_per_node 2 -m ptrain pretrain CONFIG.yaml              # torchrun works too
     ptrain pretrain configs/demo/pretrain_tiny.yaml engine.zero_stage=0       # one process, no launcher
+    ptrain submit pretrain CONFIG.yaml ray.num_workers=8 ray.use_gpu=true     # Ray Train on a cluster (docs/ray.md)
 
-Every rank runs :func:`run`: the process group (any launcher, ``ptrain.distributed``), the shards checked, the
-model, optimizer and engine built, a checkpoint resumed, then ``ptrain.loop.fit``. Re-running the same command
-resumes from the newest COMPLETE checkpoint.
+Every rank runs :func:`train` (through :func:`run`, or in a Ray Train worker with ``ray.enabled=true``): the process
+group (any launcher, or Ray's; ``ptrain.distributed``), the shards checked, the model, optimizer and engine built, a
+checkpoint resumed, then ``ptrain.loop.fit``. Re-running the same command resumes from the newest COMPLETE checkpoint.
 """
 
 from __future__ import annotations

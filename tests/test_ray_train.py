@@ -194,12 +194,15 @@ def test_submit_is_idempotent_jobs_list_logs_stop_with_token_auth_on_loopback(sa
         assert re.search(r"\d+ shards already committed, 0/\d+ shard groups to run", rerun.stdout), rerun.stdout
         assert json.loads((out / "manifest.json").read_text())["samples"] == manifest["samples"]
 
-        # a long training job: while its Ray Train workers run, every listening socket is on loopback except the
-        # process group's rendezvous store (torch's TCPStore on rank 0 binds all interfaces); then it is stopped
-        config = _write_configs(tmp_path / "cfg", out)
+        # a long fine-tune (keys only, no config file): while its Ray Train workers run, every listening socket is on
+        # loopback except the process group's rendezvous store (torch's TCPStore on rank 0 binds all interfaces);
+        # then it is stopped
         run = tmp_path / "long"
-        proc = _ptrain(cluster, "submit", "--address", cluster.dashboard, "pretrain", str(config), f"run_dir={run}",
-                       "max_steps=100000", "checkpoint.every_steps=0")
+        proc = _ptrain(cluster, "submit", "--address", cluster.dashboard, "finetune", "init=tiny", f"run_dir={run}",
+                       "epochs=100000", f"data.sources=[{out}]", "data.num_workers=0", "data.crop=center",
+                       "model.head=meanP", "model.num_frames=4", "model.frame_size=32", "model.max_words=16",
+                       "engine.precision=fp32", "engine.micro_batch_size=4", "checkpoint.every_steps=1000000",
+                       "log.every_steps=1", "log.tensorboard=false")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         long_id = _submitted_id(proc)
         client = _client(cluster)
@@ -223,4 +226,4 @@ def test_submit_is_idempotent_jobs_list_logs_stop_with_token_auth_on_loopback(sa
             assert time.monotonic() < deadline, _worker_pids(cluster.session)
             time.sleep(0.2)
         listed = _ptrain(cluster, "jobs", "--address", cluster.dashboard)
-        assert re.search(rf"^{long_id}\s+STOPPED\s+pretrain\s", listed.stdout, re.M), listed.stdout
+        assert re.search(rf"^{long_id}\s+STOPPED\s+finetune\s", listed.stdout, re.M), listed.stdout
