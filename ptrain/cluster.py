@@ -616,7 +616,9 @@ def _init_ray(address: str | None):
     if joining:
         ray.init(address=address or None, logging_level="WARNING")
     else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+        # the dashboard (on loopback) serves the state API that Ray Train's placement group cleaner polls
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 logging_level="WARNING")
     return ray
 
 
