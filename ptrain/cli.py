@@ -84,7 +84,7 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _print_help(text: str) -> None:
+def print_help(text: str) -> None:
     """Print to stdout; a reader that closed the pipe early (``ptrain shard --help | head``) is not an error."""
     try:
         print(text, flush=True)
@@ -113,12 +113,12 @@ def strip_local_rank(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
-        _print_help(usage())
+        print_help(usage())
         return 0
     if argv[0] in ("--version", "-V", "version"):
         from ptrain.version import __version__
 
-        _print_help(f"ptrain {__version__}")
+        print_help(f"ptrain {__version__}")
         return 0
     verb, rest = argv[0], argv[1:]
     if verb in COMMANDS:
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_ref, run_ref, summary = VERBS[verb]
     cfg_cls = _resolve(cfg_ref)
     if any(a in ("-h", "--help") for a in rest):
-        _print_help("\n".join([f"ptrain {verb} [CONFIG.yaml] [dotted.key=value ...]", "", summary, "", "keys:",
+        print_help("\n".join([f"ptrain {verb} [CONFIG.yaml] [dotted.key=value ...]", "", summary, "", "keys:",
                                 *config_help(cfg_cls)]))
         return 0
     stray = [a for a in rest if a.startswith("--")]

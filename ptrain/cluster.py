@@ -247,8 +247,7 @@ class Jobs:
         try:
             return fn()
         except AuthenticationError as e:
-            raise _refused(self.address, e, self.token_source if hasattr(self, "token_source") else "?",
-                           getattr(self, "sent_token", False)) from None
+            raise _refused(self.address, e, self.token_source, self.sent_token) from None
         except ConnectionError as e:
             raise ClusterError(f"lost the Ray dashboard at {self.address}: {e}; check that the head is up "
                                "(`ray status` on it)") from None
@@ -325,15 +324,15 @@ JOBS_USAGE = """usage: ptrain jobs [--address URL]              list ptrain's jo
 
 
 def _parse(argv: list[str], flags: dict[str, bool], usage: str) -> tuple[dict[str, Any], list[str]]:
-    """Our own ``--flags`` (``flags``: name -> takes a value) anywhere before the first ``key=value``; the rest in
-    order. Raises UsageError for an unknown flag."""
+    """Our own ``--flags`` (``flags``: name -> takes a value), anywhere on the line; the other arguments in order.
+    Raises UsageError for an unknown flag."""
     opts: dict[str, Any] = {}
     rest: list[str] = []
     i = 0
     while i < len(argv):
         a = argv[i]
         name, eq, value = a.partition("=")
-        if a.startswith("--") and name in flags:
+        if a.startswith("-") and name in flags:
             if flags[name]:
                 if not eq:
                     if i + 1 >= len(argv):
@@ -397,12 +396,16 @@ def _describe(job) -> str:
 
 
 def submit_main(argv: list[str]) -> int:
+    from ptrain.cli import print_help
+
     try:
         opts, rest = _parse(argv, {"--address": True, "--follow": False, "--resubmit": False, "--help": False,
                                    "-h": False}, SUBMIT_USAGE)
-        if opts.get("--help") or "-h" in rest or not rest:
-            print(SUBMIT_USAGE)
-            return 0 if opts.get("--help") or "-h" in rest else EXIT_USAGE
+        if opts.get("--help") or opts.get("-h"):
+            print_help(SUBMIT_USAGE)
+            return 0
+        if not rest:
+            raise UsageError(f"which verb?\n\n{SUBMIT_USAGE}")
         plan = prepare(rest[0], rest[1:], Path.cwd())
     except UsageError as e:
         print(f"ptrain submit: {e}" if not str(e).startswith("ptrain ") else str(e), file=sys.stderr)
@@ -466,10 +469,12 @@ def _when(ms: int | None) -> str:
 
 
 def jobs_main(argv: list[str]) -> int:
+    from ptrain.cli import print_help
+
     try:
         opts, rest = _parse(argv, {"--address": True, "--follow": False, "--help": False, "-h": False}, JOBS_USAGE)
-        if opts.get("--help") or "-h" in rest:
-            print(JOBS_USAGE)
+        if opts.get("--help") or opts.get("-h"):
+            print_help(JOBS_USAGE)
             return 0
         action, ids = (rest[0], rest[1:]) if rest else ("list", [])
         if action not in ("list", "logs", "stop") or (action != "list" and len(ids) != 1) or (action == "list" and ids):

@@ -46,6 +46,10 @@ def _client(cluster):
     return JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"})
 
 
+def _active(client, job_id: str) -> bool:
+    return str(client.get_job_status(job_id).value) in ("PENDING", "RUNNING")
+
+
 def _wait_for_end(client, job_id: str, timeout: float = 600) -> str:
     deadline = time.monotonic() + timeout
     while (status := str(client.get_job_status(job_id).value)) in ("PENDING", "RUNNING"):
@@ -117,7 +121,7 @@ def test_ray_train_loses_a_worker_and_finishes_as_an_uninterrupted_run(sample_co
         client = _client(cluster)
         deadline = time.monotonic() + 300
         while not (run / "checkpoints" / "step_00000010" / "COMPLETE").exists():
-            assert time.monotonic() < deadline and str(client.get_job_status(job_id).value) in ("PENDING", "RUNNING"), \
+            assert time.monotonic() < deadline and _active(client, job_id), \
                 client.get_job_logs(job_id)[-5000:]
             time.sleep(0.05)
         workers = _worker_pids(cluster.session)
@@ -208,7 +212,7 @@ def test_submit_is_idempotent_jobs_list_logs_stop_with_token_auth_on_loopback(sa
         client = _client(cluster)
         deadline = time.monotonic() + 300
         while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
-            assert time.monotonic() < deadline and str(client.get_job_status(long_id).value) == "RUNNING", \
+            assert time.monotonic() < deadline and _active(client, long_id), \
                 client.get_job_logs(long_id)[-5000:]
             time.sleep(0.2)
         listeners = _listeners(cluster.session)
