@@ -82,10 +82,10 @@ fi
 # Validate the config (and learn run_dir) before starting any rank.
 run_dir="$("$python" - "$PTRAIN_VERB" "$config" "$@" <<'EOF'
 import sys
-from ptrain.cli import VERBS, _resolve
+from ptrain.cli import VERBS, resolve
 from ptrain.config import ConfigError, load_config
 try:
-    print(load_config(_resolve(VERBS[sys.argv[1]][0]), sys.argv[2], sys.argv[3:]).run_dir)
+    print(load_config(resolve(VERBS[sys.argv[1]][0]), sys.argv[2], sys.argv[3:]).run_dir)
 except ConfigError as e:
     print(f"launch/{sys.argv[1]}.sh: {e}", file=sys.stderr)
     sys.exit(2)

@@ -1,7 +1,8 @@
 """``ptrain VERB [CONFIG.yaml] [dotted.key=value ...]`` — dispatch only.
 
 Each verb names its root config dataclass and its ``run(cfg)`` function as import strings, so that
-``ptrain``, ``ptrain --version`` and ``ptrain VERB --help`` never import torch, ray or deepspeed. A
+``ptrain``, ``ptrain --version`` and ``ptrain VERB --help`` never import torch, ray or deepspeed. The cluster
+commands (``ptrain submit``, ``ptrain jobs``) take flags of their own: they name a ``main(argv)`` instead. A
 ``--local_rank=N`` that a launcher puts among the arguments (``deepspeed --module ptrain ...``, or
 ``deepspeed launch/pretrain.sh ...``, which runs that file with Python) is taken out: ranks read
 ``LOCAL_RANK`` from the environment. A config class with ``POSITIONAL = "key"`` takes its bare arguments as that
@@ -56,21 +57,40 @@ VERBS: dict[str, tuple[str, str, str]] = {
     ),
 }
 
+# command -> (main(argv) -> exit status, one-line summary): commands with --flags of their own, no config class
+COMMANDS: dict[str, tuple[str, str]] = {
+    "submit": (
+        "ptrain.cluster:submit_main",
+        "[--address URL] [--follow] [--resubmit] VERB [CONFIG] [key=value ...]: run a verb as a Ray cluster job",
+    ),
+    "jobs": ("ptrain.cluster:jobs_main", "ptrain's jobs on a Ray cluster: list, `logs ID [--follow]`, `stop ID`"),
+}
 
-def _resolve(ref: str):
+
+def resolve(ref: str):
+    """The object an import string ``module:attr`` names (imports the module)."""
     module, attr = ref.split(":")
     return getattr(importlib.import_module(module), attr)
 
 
+
+
+def config_class(verb: str) -> type:
+    """The root config dataclass of ``verb`` (imports only stdlib-only config modules)."""
+    return resolve(VERBS[verb][0])
+
+
 def usage() -> str:
-    width = max(len(v) for v in VERBS)
+    width = max(len(v) for v in [*VERBS, *COMMANDS])
     lines = ["usage: ptrain VERB [CONFIG.yaml] [dotted.key=value ...]   (ptrain --version)", "", "verbs:"]
     lines += [f"  {v.ljust(width)}  {VERBS[v][2]}" for v in VERBS]
-    lines += ["", "`ptrain VERB --help` lists the verb's keys with their defaults."]
+    lines += ["", "on a Ray cluster (README: Running on a Ray cluster):"]
+    lines += [f"  {v.ljust(width)}  {COMMANDS[v][1]}" for v in COMMANDS]
+    lines += ["", "`ptrain VERB --help` lists the verb's keys with their defaults (or the command's flags)."]
     return "\n".join(lines)
 
 
-def _print_help(text: str) -> None:
+def print_help(text: str) -> None:
     """Print to stdout; a reader that closed the pipe early (``ptrain shard --help | head``) is not an error."""
     try:
         print(text, flush=True)
@@ -99,27 +119,29 @@ def strip_local_rank(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
-        _print_help(usage())
+        print_help(usage())
         return 0
     if argv[0] in ("--version", "-V", "version"):
         from ptrain.version import __version__
 
-        _print_help(f"ptrain {__version__}")
+        print_help(f"ptrain {__version__}")
         return 0
     verb, rest = argv[0], argv[1:]
+    if verb in COMMANDS:
+        return int(resolve(COMMANDS[verb][0])(rest))
     if verb not in VERBS:
         import difflib
 
-        close = difflib.get_close_matches(verb, list(VERBS), n=1)
+        close = difflib.get_close_matches(verb, [*VERBS, *COMMANDS], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"ptrain: unknown verb {verb!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     cfg_ref, run_ref, summary = VERBS[verb]
-    cfg_cls = _resolve(cfg_ref)
+    cfg_cls = resolve(cfg_ref)
     listed = getattr(cfg_cls, "POSITIONAL", "")
     if any(a in ("-h", "--help") for a in rest):
         inputs = f"{listed.upper()}..." if listed else "[CONFIG.yaml]"
-        _print_help("\n".join([f"ptrain {verb} {inputs} [dotted.key=value ...]", "", summary, "", "keys:",
+        print_help("\n".join([f"ptrain {verb} {inputs} [dotted.key=value ...]", "", summary, "", "keys:",
                                 *config_help(cfg_cls)]))
         return 0
     stray = [a for a in rest if a.startswith("--")]
@@ -142,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ptrain {verb}: {e}", file=sys.stderr)
         return 2
-    result = _resolve(run_ref)(cfg)
+    result = resolve(run_ref)(cfg)
     return int(result) if isinstance(result, int) else 0
 
 

@@ -460,6 +460,25 @@ def _read_with_includes(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, tupl
     return out
 
 
+def config_files(path: str | Path) -> list[Path]:
+    """The YAML files a config is built from: ``path`` and, recursively, every file it includes (absolute paths,
+    each once, ``path`` first). Errors as :func:`load_config` raises them."""
+    out: list[Path] = []
+
+    def visit(p: Path) -> None:
+        if p in out:
+            return
+        out.append(p)
+        includes = _read_yaml(p).get(INCLUDE) or []
+        for name in [includes] if isinstance(includes, str) else includes:
+            if isinstance(name, str) and name:
+                visit((p.parent / name).resolve())
+
+    _read_with_includes(Path(path))  # every check of loading (a cycle, a missing include) first
+    visit(Path(path).resolve())
+    return out
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """Build ``cls`` from its defaults, then the YAML file at ``path`` (after the files it includes), then
     ``overrides``."""

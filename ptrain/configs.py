@@ -5,8 +5,8 @@
     cfg = load_config(PretrainConfig, "configs/demo/pretrain_tiny.yaml", ["engine.zero_stage=3"])
 
 Sections: ``model`` (:class:`ptrain.model.config.ModelConfig`), ``data``
-(:class:`ptrain.data.config.DataConfig`), ``optim``, ``engine`` (DeepSpeed), ``checkpoint``, ``log``
-and ``eval`` (retrieval on held-out shards during training). Each builder gets its own section only;
+(:class:`ptrain.data.config.DataConfig`), ``optim``, ``engine`` (DeepSpeed), ``checkpoint``, ``log``,
+``eval`` (retrieval on held-out shards during training) and ``ray`` (Ray Train instead of a launcher). Each builder gets its own section only;
 ``ptrain/engine.py`` derives the DeepSpeed JSON from ``engine`` (+ the clip setting of ``optim``).
 Importing this module never imports torch.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 from ptrain.config import Problems, opt, section
 from ptrain.data.config import DataConfig
@@ -149,6 +149,36 @@ class EvalDuringTrainConfig:
 
 
 @dataclass
+class RayTrainConfig:
+    """Ray Train (``ray.enabled=true``): the same recipe in TorchTrainer workers, one rank each (docs/ray.md)."""
+
+    enabled: bool = opt(False, "run the recipe in Ray Train workers (TorchTrainer; the process group comes from Ray) "
+                               "instead of one process per launcher rank")
+    address: Optional[str] = opt(
+        None, "unset: the cluster of the Ray job this runs in (`ptrain submit`, `ray job submit`), else a local Ray "
+              "on loopback; 'auto' joins the cluster started on this machine, ray://HEAD:10001 a remote one")
+    num_workers: int = opt(2, "training workers = ranks (one GPU each with use_gpu)")
+    use_gpu: bool = opt(False, "give every worker gpus_per_worker GPUs (NCCL); false: CPU workers over gloo")
+    gpus_per_worker: float = opt(1.0, "GPUs reserved per worker when use_gpu is true")
+    cpus_per_worker: float = opt(1.0, "CPUs reserved per worker (also its OMP_NUM_THREADS; data loader workers "
+                                      "run inside this reservation)")
+    max_failures: int = opt(0, "restarts of the worker group after a lost worker or node, each from the newest "
+                               "complete checkpoint of run_dir (-1: unlimited, 0: none)")
+
+    def __post_init__(self):
+        p = Problems()
+        p.check(self.num_workers >= 1, "num_workers", f"num_workers must be >= 1, got {self.num_workers}")
+        p.check(self.cpus_per_worker > 0, "cpus_per_worker", f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        p.check(not self.use_gpu or self.gpus_per_worker > 0, "gpus_per_worker",
+                f"gpus_per_worker must be positive when use_gpu is true, got {self.gpus_per_worker}", also=("use_gpu",))
+        p.check(self.max_failures >= -1, "max_failures",
+                f"max_failures must be -1 (unlimited), 0 (none) or a positive count, got {self.max_failures}")
+        p.check(not self.address or self.address == "auto" or "://" in self.address or ":" in self.address,
+                "address", f"address must be 'auto', ray://HEAD:10001 or HEAD:6379, got {self.address!r}")
+        p.raise_any()
+
+
+@dataclass
 class PretrainConfig:
     """``ptrain pretrain``: contrastive post-pretraining on shards, one process per rank (DeepSpeed)."""
 
@@ -162,6 +192,7 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints and resume")
     log: LogConfig = section(LogConfig, "logging")
     eval: EvalDuringTrainConfig = section(EvalDuringTrainConfig, "retrieval eval during training")
+    ray: RayTrainConfig = section(RayTrainConfig, "Ray Train instead of a launcher (ray.enabled=true)")
 
     def __post_init__(self):
         p = Problems()
@@ -217,6 +248,7 @@ class FinetuneConfig:
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints and resume (every_steps 0 = every epoch)")
     log: LogConfig = section(LogConfig, "logging")
     eval: FinetuneEvalConfig = section(FinetuneEvalConfig, "model selection and the final test")
+    ray: RayTrainConfig = section(RayTrainConfig, "Ray Train instead of a launcher (ray.enabled=true)")
 
     def __post_init__(self):
         p = Problems()

@@ -61,8 +61,11 @@ def on_cuda() -> bool:
 
 
 def init(timeout_s: int = 1800) -> None:
-    """Join (or create) the process group of this run; a no-op when one exists."""
+    """Join (or create) the process group of this run. A group that exists (Ray Train's workers get one, with
+    ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` set) is used as it is; only this rank's CUDA device is selected."""
     if is_initialized():
+        if on_cuda():  # why: Ray shares CUDA_VISIBLE_DEVICES among a node's workers; rank r uses its LOCAL_RANK-th
+            torch.cuda.set_device(local_rank())
         return
     if not launched():  # plain `ptrain pretrain` without a launcher: a world of one on loopback
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")

@@ -3,6 +3,7 @@
     launch/finetune.sh configs/finetune/msrvtt_seqTransf.yaml init=runs/howto100m_vitb32_seqTransf
     ptrain finetune configs/finetune/msvd_meanP.yaml init=ViT-B-32.pt data.sources=[shards/msvd_train]
     deepspeed --num_gpus 8 launch/finetune.sh CONFIG init=EXPORT          # every launch form of pretraining works
+    ptrain submit finetune CONFIG init=EXPORT ray.num_workers=4 ray.use_gpu=true   # Ray Train (docs/ray.md)
 
 The same loop, engine and launch forms as ``ptrain pretrain`` (``ptrain.loop.fit``), with what makes it a
 fine-tune: every tensor of ``init`` (heads included) or fresh CLIP4Clip-initialised heads on a CLIP; a fresh
@@ -21,7 +22,7 @@ import math
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -68,6 +69,23 @@ def init_model(init: str, cfg: ModelConfig):
 
 
 def run(cfg: FinetuneConfig) -> int:
+    """``ptrain finetune``: this process is a rank (a launcher's, or a world of one), or with ``ray.enabled`` the driver
+    of Ray Train workers that each run :func:`train` (``ptrain/cluster.py``)."""
+    if cfg.ray.enabled:
+        if du.launched():
+            print(f"ptrain finetune: ray.enabled=true in a rank that a launcher started ({du.launcher_name()}): Ray Train "
+                  "starts its own workers; run `ptrain finetune CONFIG ray.enabled=true` once (or `ptrain submit "
+                  "finetune CONFIG`), or drop ray.enabled to train under this launcher", file=sys.stderr, flush=True)
+            return 2
+        from ptrain.cluster import train_on_ray
+
+        return train_on_ray(cfg, "ptrain.finetune:train", "finetune")
+    return train(cfg)
+
+
+def train(cfg: FinetuneConfig, on_checkpoint: Callable[[Path, Position], None] | None = None) -> int:
+    """The recipe, on every rank; ``on_checkpoint(path, position)`` runs on every rank after each checkpoint is
+    complete on all of them (Ray Train reports it)."""
     from ptrain.data import build_train_loader, discover_sources
     from ptrain.engine import Engine, describe
     from ptrain.loss import build_loss
@@ -132,7 +150,10 @@ def run(cfg: FinetuneConfig) -> int:
         state = {"step": pos.step, "samples_seen": pos.samples_seen, "world_size": world, "seed": cfg.seed,
                  "zero_stage": cfg.engine.zero_stage, "precision": cfg.engine.precision, "best": selection.best,
                  "data": {"start_step": pos.step, "global_batch": loader.global_batch_size}}
-        return ckpt.save(engine, model_cfg, run_dir, state, cfg.checkpoint)
+        path = ckpt.save(engine, model_cfg, run_dir, state, cfg.checkpoint)
+        if on_checkpoint is not None:
+            on_checkpoint(path, pos)
+        return path
 
     every_epochs = cfg.eval.every_epochs if selection.split else 0
     cadence = Cadence(max_steps, cfg.log.every_steps, cfg.checkpoint.every_steps or steps_per_epoch,

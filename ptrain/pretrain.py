@@ -5,10 +5,11 @@
     deepspeed --num_gpus 2 launch/pretrain.sh CONFIG.yaml [key=value ...]   # the launcher's own form
     torchrun --nproc_per_node 2 -m ptrain pretrain CONFIG.yaml              # torchrun works too
     ptrain pretrain configs/demo/pretrain_tiny.yaml engine.zero_stage=0       # one process, no launcher
+    ptrain submit pretrain CONFIG.yaml ray.num_workers=8 ray.use_gpu=true     # Ray Train on a cluster (docs/ray.md)
 
-Every rank runs :func:`run`: the process group (any launcher, ``ptrain.distributed``), the shards checked, the
-model, optimizer and engine built, a checkpoint resumed, then ``ptrain.loop.fit``. Re-running the same command
-resumes from the newest COMPLETE checkpoint.
+Every rank runs :func:`train` (through :func:`run`, or in a Ray Train worker with ``ray.enabled=true``): the process
+group (any launcher, or Ray's; ``ptrain.distributed``), the shards checked, the model, optimizer and engine built, a
+checkpoint resumed, then ``ptrain.loop.fit``. Re-running the same command resumes from the newest COMPLETE checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -28,6 +30,23 @@ from ptrain.loop import Cadence, Position, TrainingFailed, fit, is_lost_peer, pe
 
 
 def run(cfg: PretrainConfig) -> int:
+    """``ptrain pretrain``: this process is a rank (a launcher's, or a world of one), or with ``ray.enabled`` the driver
+    of Ray Train workers that each run :func:`train` (``ptrain/cluster.py``)."""
+    if cfg.ray.enabled:
+        if du.launched():
+            print(f"ptrain pretrain: ray.enabled=true in a rank that a launcher started ({du.launcher_name()}): Ray Train "
+                  "starts its own workers; run `ptrain pretrain CONFIG ray.enabled=true` once (or `ptrain submit "
+                  "pretrain CONFIG`), or drop ray.enabled to train under this launcher", file=sys.stderr, flush=True)
+            return 2
+        from ptrain.cluster import train_on_ray
+
+        return train_on_ray(cfg, "ptrain.pretrain:train", "pretrain")
+    return train(cfg)
+
+
+def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, Position], None] | None = None) -> int:
+    """The recipe, on every rank; ``on_checkpoint(path, position)`` runs on every rank after each checkpoint is
+    complete on all of them (Ray Train reports it)."""
     from ptrain.data import build_train_loader, discover_sources
     from ptrain.engine import Engine, describe
     from ptrain.loss import build_loss
@@ -91,7 +110,10 @@ def run(cfg: PretrainConfig) -> int:
         state = {"step": pos.step, "samples_seen": pos.samples_seen, "world_size": world, "seed": cfg.seed,
                  "zero_stage": cfg.engine.zero_stage, "precision": cfg.engine.precision,
                  "data": {"start_step": pos.step, "global_batch": loader.global_batch_size}}
-        return ckpt.save(engine, cfg.model, cfg.run_dir, state, cfg.checkpoint)
+        path = ckpt.save(engine, cfg.model, cfg.run_dir, state, cfg.checkpoint)
+        if on_checkpoint is not None:
+            on_checkpoint(path, pos)
+        return path
 
     def evaluate(step: int) -> dict:
         from ptrain.evaluate import evaluate_during_training

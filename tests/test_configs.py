@@ -25,7 +25,7 @@ def _class_for(path: Path):
         from ptrain import cli
 
         if "finetune" in cli.VERBS:
-            return cli._resolve(cli.VERBS["finetune"][0])
+            return cli.resolve(cli.VERBS["finetune"][0])
     return None
 
 

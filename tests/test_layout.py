@@ -12,7 +12,7 @@ PACKAGES = ("ptrain", "sharding", "ptrain_demo")
 # third-party package -> the only modules allowed to import it
 ONE_HOME = {
     "deepspeed": {"ptrain/engine.py"},
-    "ray": {"sharding/job.py"},
+    "ray": {"sharding/job.py", "ptrain/cluster.py"},
     "decord": {"sharding/decode/decord.py"},
     "av": {"sharding/decode/pyav.py"},
     "webdataset": {"ptrain/data/shards.py"},
