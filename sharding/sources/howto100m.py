@@ -6,7 +6,10 @@
 
 ``caption.json`` (about 5 GB for the 1.22M videos of HowTo100M) is never held whole: ``iter_captions`` parses it
 incrementally with ijson (its C backend, yajl2_c, where it is installed) and yields one validated video at a time,
-so the reader's memory is one video's entry plus the set of ids seen (duplicates are reported by id).
+so the reader's memory is one video's entry plus the set of ids seen (duplicates are reported by id). The nesting
+is bounded by the format's (object / object / list / scalar): anything deeper is refused as soon as it opens.
+yajl reads a lone surrogate escape (``"\\ud83d"``, not Unicode) as ``?``; ijson's pure-Python backend keeps it, and
+the segment is then refused.
 
 Records come in the order of ``caption.json``; with a video list, only the listed videos, still in caption-file
 order, then the listed ids absent from the captions as records with ``skip_reason`` set (in list order). A malformed
@@ -16,7 +19,6 @@ entry stops the job, naming the file, the video id and the problem (the planner 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -60,8 +62,10 @@ class HowTo100M:
         return {"source": self.name, "captions": file_facts(self.captions), "video_list": file_facts(self.video_list)}
 
 
-def _json_error(p: Path, e: Exception) -> CaptionError:
-    return CaptionError(f"{p}: not valid UTF-8 JSON ({type(e).__name__}: {str(e)[:200]}); expected {_FORMAT}")
+def _json_error(p: Path, e: Exception, vid: str | None) -> CaptionError:
+    near = f" (in or after video {vid!r})" if vid is not None else ""
+    why = " ".join(str(e).split())[:200]
+    return CaptionError(f"{p}: not valid UTF-8 JSON{near}: {type(e).__name__}: {why}; expected {_FORMAT}")
 
 
 def _entries(p: Path) -> Iterator[tuple[str, Any]]:
@@ -72,6 +76,7 @@ def _entries(p: Path) -> Iterator[tuple[str, Any]]:
 
     with p.open("rb") as f:
         events = ijson.basic_parse(f, use_float=True)
+        key = None
         try:
             first = next(events, None)
             if first is None or first[0] != "start_map":
@@ -89,7 +94,7 @@ def _entries(p: Path) -> Iterator[tuple[str, Any]]:
         except (ijson.JSONError, UnicodeDecodeError, ValueError) as e:
             if isinstance(e, CaptionError):
                 raise
-            raise _json_error(p, e) from None
+            raise _json_error(p, e, key) from None
 
 
 def _video_object(p: Path, vid: str, events) -> dict[str, Any]:
@@ -167,7 +172,7 @@ def _segments(p: Path, vid: str, entry: Any) -> list[Segment]:
             raise CaptionError(f"{where}: segment {i}: times must lie within 0 .. {MAX_VIDEO_SECONDS:.0f} s "
                                f"(48 h, the longest video this planner accepts), got {s!r}, {e!r}")
         if e < s:
-            raise CaptionError(f"{where}: segment {i}: end {e} is before start {s}")
+            raise CaptionError(f"{where}: segment {i}: end {ends[i]} is before start {starts[i]}")
         if t.__class__ is not str:
             if t is None:
                 t = ""
