@@ -116,10 +116,6 @@ def _index_list(path: Path) -> VideoIndex:
 # clips
 
 
-def _words(text: str) -> list[str]:
-    return text.split()
-
-
 # A segment with start == end (an ASR line with a single timestamp) is widened to this duration, so that it has a
 # place in time: it can then only merge with a segment it really overlaps, and never gives a zero-length clip.
 ZERO_LENGTH_SECONDS = 0.5
@@ -133,15 +129,46 @@ def clean_segments(segments: list[Segment]) -> list[Segment]:
     re-shows the previous segment's tail (only when the two overlap or touch in time: a word said again 10 s later
     is kept), and remove time overlaps (a segment starts where the previous ends; one that ends inside the previous
     one is merged into it). A zero-length segment is first widened to ``ZERO_LENGTH_SECONDS``."""
-    # a Segment is a (start, end, text) tuple: sorting the tuples sorts by (start, end, text)
+    return [Segment(*s[:3]) for s in _clean(segments)]
+
+
+def split_long_segments(segments: list[Segment], max_seconds: float) -> list[Segment]:
+    """Split every segment longer than ``max_seconds`` into the fewest equal pieces no longer than it, sharing its
+    words out in proportion to time (as if spoken at an even pace), so that a clip's text is what was said during
+    the clip; pieces that get no word are dropped."""
+    return [Segment(*s[:3]) for s in _split_long([[*s, len(s[2].split())] for s in segments], max_seconds)]
+
+
+def plan_clips(
+    segments: list[Segment],
+    *,
+    min_seconds: float,
+    min_words: int,
+    max_seconds: float,
+    max_gap_seconds: float = math.inf,
+) -> list[Clip]:
+    """Clean the ASR segments and split those longer than ``max_seconds`` (``split_long_segments``), then grow clips
+    left to right by merging neighbours until a clip lasts ``min_seconds`` and has ``min_words`` words, never beyond
+    ``max_seconds`` nor across a silence longer than ``max_gap_seconds``. A too-short tail is merged into the
+    previous clip when that stays within ``max_seconds``. Clips with no text are dropped."""
+    clips = _plan_clips(segments, min_seconds, min_words, max_seconds, max_gap_seconds)
+    for c in clips:
+        c.segments = [Segment(*s[:3]) for s in c.segments]
+    return clips
+
+
+# The functions above, on the planner's working form of a segment: a list [start, end, text, number of words]
+# (index access and one split per segment: planning 136M segments, attribute access and splitting again add up).
+
+
+def _clean(segments) -> list[list]:
+    # tuples (start, end, normalised text, words) sort by (start, end, text), as Segments do
     ordered = sorted(
-        (s.start, s.end if s.end > s.start else s.start + ZERO_LENGTH_SECONDS, " ".join(s.text.split()))
-        for s in segments
+        (a, b if b > a else a + ZERO_LENGTH_SECONDS, " ".join(w), w) for a, b, t in segments for w in (t.split(),)
     )
-    out: list[list] = []  # [start, end, text] of the kept segments, mutable while they may still grow
+    out: list[list] = []  # the kept segments, mutable while they may still grow
     prev_raw: list[str] = []  # words of the previous segment as the ASR showed them (before trimming)
-    for start, end, text in ordered:
-        words = text.split()
+    for start, end, text, words in ordered:
         if not words:
             continue
         raw = words
@@ -165,25 +192,24 @@ def clean_segments(segments: list[Segment]) -> list[Segment]:
                 continue
             if end <= last[1]:  # swallowed in time by the previous segment: merge its new words into it
                 last[2] = last[2] + " " + " ".join(words)
+                last[3] += len(words)
                 continue
-            out.append([max(start, last[1]), end, " ".join(words) if words is not raw else text])
+            out.append([max(start, last[1]), end, " ".join(words) if words is not raw else text, len(words)])
             continue
         prev_raw = raw
-        out.append([start, end, text])
-    return [Segment(*s) for s in out]
+        out.append([start, end, text, len(words)])
+    return out
 
 
-def split_long_segments(segments: list[Segment], max_seconds: float) -> list[Segment]:
-    """Split every segment longer than ``max_seconds`` into the fewest equal pieces no longer than it, sharing its
-    words out in proportion to time (as if spoken at an even pace), so that a clip's text is what was said during
-    the clip; pieces that get no word are dropped."""
+def _split_long(segments: list[list], max_seconds: float) -> list[list]:
     out = []
     for seg in segments:
-        duration = seg.end - seg.start
+        start, end = seg[0], seg[1]
+        duration = end - start
         if duration <= max_seconds:
             out.append(seg)
             continue
-        words = _words(seg.text)
+        words = seg[2].split()
         n, pieces = len(words), math.ceil(duration / max_seconds - 1e-9)
         # word w goes to piece k when b_k <= w < b_(k+1), b_k = round_half_up(k * n / pieces); computed per word
         # (a bogus timestamp can ask for millions of pieces, almost all of them empty)
@@ -192,35 +218,22 @@ def split_long_segments(segments: list[Segment], max_seconds: float) -> list[Seg
             k = min(((w + 1) * pieces - pieces // 2 - 1) // n, pieces - 1) if n else 0
             by_piece.setdefault(k, []).append(word)
         for k, part in by_piece.items():
-            out.append(Segment(seg.start + duration * k / pieces,
-                               seg.end if k == pieces - 1 else seg.start + duration * (k + 1) / pieces,
-                               " ".join(part)))
+            out.append([start + duration * k / pieces,
+                        end if k == pieces - 1 else start + duration * (k + 1) / pieces, " ".join(part), len(part)])
     return out
 
 
-def plan_clips(
-    segments: list[Segment],
-    *,
-    min_seconds: float,
-    min_words: int,
-    max_seconds: float,
-    max_gap_seconds: float = math.inf,
-) -> list[Clip]:
-    """Clean the ASR segments and split those longer than ``max_seconds`` (``split_long_segments``), then grow clips
-    left to right by merging neighbours until a clip lasts ``min_seconds`` and has ``min_words`` words, never beyond
-    ``max_seconds`` nor across a silence longer than ``max_gap_seconds``. A too-short tail is merged into the
-    previous clip when that stays within ``max_seconds``. Clips with no text are dropped."""
+def _plan_clips(segments, min_seconds, min_words, max_seconds, max_gap_seconds) -> list[Clip]:
     clips: list[Clip] = []
-    current: list[Segment] = []
+    current: list[list] = []
     words = 0  # words in ``current`` (kept as it grows: counting them again per segment is quadratic)
-
-    for seg in split_long_segments(clean_segments(segments), max_seconds):
-        if current and (seg.end - current[0].start > max_seconds or seg.start - current[-1].end > max_gap_seconds):
+    for seg in _split_long(_clean(segments), max_seconds):
+        if current and (seg[1] - current[0][0] > max_seconds or seg[0] - current[-1][1] > max_gap_seconds):
             _close(current, words, clips, min_seconds, min_words, max_seconds, max_gap_seconds)
             current, words = [], 0
         current.append(seg)
-        words += len(seg.text.split())
-        if current[-1].end - current[0].start >= min_seconds and words >= min_words:
+        words += seg[3]
+        if seg[1] - current[0][0] >= min_seconds and words >= min_words:
             _emit(current, clips)
             current, words = [], 0
     if current:
@@ -228,22 +241,22 @@ def plan_clips(
     return clips
 
 
-def _emit(segs: list[Segment], clips: list[Clip]) -> None:
+def _emit(segs: list[list], clips: list[Clip]) -> None:
     """Append the clip made of ``segs`` (none when they hold no text)."""
-    text = " ".join(s.text for s in segs).strip()
+    text = " ".join([s[2] for s in segs])
     if text:
-        clips.append(Clip(segs[0].start, max(s.end for s in segs), text, list(segs)))
+        clips.append(Clip(segs[0][0], max([s[1] for s in segs]), text, segs))
 
 
 def _close(current, words, clips, min_seconds, min_words, max_seconds, max_gap_seconds) -> None:
     """Emit a group that could not grow further; merge it into the previous clip when it is too small and fits."""
-    satisfied = current[-1].end - current[0].start >= min_seconds and words >= min_words
+    satisfied = current[-1][1] - current[0][0] >= min_seconds and words >= min_words
     if not satisfied and clips:
         prev = clips[-1]
-        fits = current[-1].end - prev.start <= max_seconds and current[0].start - prev.end <= max_gap_seconds
+        fits = current[-1][1] - prev.start <= max_seconds and current[0][0] - prev.end <= max_gap_seconds
         if fits:
             merged = prev.segments + current
-            clips[-1] = Clip(prev.start, max(s.end for s in merged), " ".join(s.text for s in merged), merged)
+            clips[-1] = Clip(prev.start, max([s[1] for s in merged]), " ".join([s[2] for s in merged]), merged)
             return
     _emit(current, clips)
 
@@ -352,18 +365,13 @@ def plan_record(record: VideoRecord, plan_cfg) -> list[list]:
 def clip_rows(segments: list[Segment], plan_cfg) -> list[list]:
     """Clips of one video's timed segments (``plan_clips``) with their frame times, as plan rows (shard -1 until
     ``pack_groups`` deals them); ``plan_cfg`` is the ``plan`` section of ShardConfig."""
-    clips = plan_clips(
-        segments,
-        min_seconds=plan_cfg.min_seconds,
-        min_words=plan_cfg.min_words,
-        max_seconds=plan_cfg.max_seconds,
-        max_gap_seconds=plan_cfg.max_gap_seconds,
-    )
+    clips = _plan_clips(segments, plan_cfg.min_seconds, plan_cfg.min_words, plan_cfg.max_seconds,
+                        plan_cfg.max_gap_seconds)
     num_frames, sampling, fps, slice_ = plan_cfg.num_frames, plan_cfg.sampling, plan_cfg.fps, plan_cfg.slice
     rows = []
     for i, c in enumerate(clips):
         targets = clip_frame_times(c.start, c.end, num_frames=num_frames, sampling=sampling, fps=fps, slice=slice_)
-        rows.append([i, -1, round(c.start, 6), round(c.end, 6), c.text, [list(s) for s in c.segments],
+        rows.append([i, -1, round(c.start, 6), round(c.end, 6), c.text, [s[:3] for s in c.segments],
                      [round(t, 6) for t in targets]])
     return rows
 
