@@ -10,7 +10,7 @@ Layout (``OUT/.ptrain_shard/``):
     plans/<plan_hash>/manifest.json       the hash, settings, inputs, counts and one entry per shard group
     plans/<plan_hash>/group-NNNNNN.jsonl  one line per video: [video path, [video_id, [clip rows]]]
     plans/<plan_hash>/plan-errors.jsonl   what is known from the inputs alone: missing videos, no captions, ...
-    plans/latest.json                     {inputs_key, plan_hash}: the plan a rerun with the same inputs reuses
+    plans/inputs-<inputs_key>.json        {inputs_key, plan_hash}: the plan a rerun with these inputs reuses
 
 Planning streams: the source yields one video at a time, ``pack_groups`` holds one group, and each group is written
 as soon as it is full, so the driver's memory is the per-video index (ids seen, the video files) whatever the
@@ -111,7 +111,7 @@ def read_group(path: str | Path) -> list[tuple[str, str, list[list]]]:
 def reusable_plan(state: Path, key: str) -> StoredPlan | None:
     """The stored plan made from the same inputs and settings, if there is one intact."""
     try:
-        latest = json.loads((state / "plans" / "latest.json").read_text())
+        latest = json.loads(_pointer(state / "plans", key).read_text())
         if latest.get("inputs_key") != key:
             return None
         plan_dir = state / "plans" / latest["plan_hash"]
@@ -216,16 +216,15 @@ def _build(cfg, source, index, plans: Path, tmp: Path, key: str, inputs: dict) -
         shutil.rmtree(tmp)
     else:
         os.rename(tmp, final)
-    write_atomic(plans / "latest.json", json.dumps({"inputs_key": key, "plan_hash": phash}).encode())
+    write_atomic(_pointer(plans, key), json.dumps({"inputs_key": key, "plan_hash": phash}).encode())
     return StoredPlan(final, manifest)
+
+
+def _pointer(plans: Path, key: str) -> Path:
+    return plans / f"inputs-{key[:32]}.json"
 
 
 def discard(stored: StoredPlan) -> None:
     """Remove a stored plan (one this output cannot use: it holds shards of another plan)."""
     shutil.rmtree(stored.dir, ignore_errors=True)
-    latest = stored.dir.parent / "latest.json"
-    try:
-        if json.loads(latest.read_text()).get("plan_hash") == stored.plan_hash:
-            latest.unlink()
-    except (OSError, ValueError, AttributeError):
-        pass
+    _pointer(stored.dir.parent, stored.manifest["inputs_key"]).unlink(missing_ok=True)

@@ -249,3 +249,42 @@ def test_howto100m_source_yields_listed_videos_in_order(tmp_path):
         list(HowTo100M(tmp_path / "caption.json", tmp_path / "nope.csv").records())
     with pytest.raises(ValueError, match="unknown source 'msrvtt2'"):
         open_source("msrvtt2", Cfg)
+
+
+def test_huge_finite_caption_times_are_refused_with_the_48_h_bound(tmp_path):
+    f = tmp_path / "caption.json"
+    for start, end in ((0, 1e300), (1e300, 1.7e308), (0, 172801), (0, 10**18)):
+        f.write_text('{"ok": {"start": [0], "end": [1], "text": ["a"]}, "v": {"start": [%s], "end": [%s], '
+                     '"text": ["a b"]}}' % (start, end))
+        with pytest.raises(CaptionError, match=r"video 'v': segment 0: times must lie within 0 \.\. 172800 s \(48 h"):
+            load_captions(f)
+    for big in ("1e999", str(10**400)):  # beyond a double or a 64-bit integer: the parser refuses the file
+        f.write_text('{"v": {"start": [0, %s], "end": [1, 2], "text": ["a", "b"]}}' % big)
+        with pytest.raises(CaptionError, match="caption.json: not valid UTF-8 JSON .in or after video 'v'.*overflow"):
+            load_captions(f)
+    f.write_text('{"v": {"start": [0, 172800], "end": [1, 172800], "text": ["a", "b"]}}')  # the bound itself: kept
+    assert load_captions(f)["v"][1] == Segment(172800.0, 172800.0, "b")
+
+
+def test_caption_json_nested_beyond_the_format_is_refused_at_once(tmp_path):
+    f = tmp_path / "caption.json"
+    depth = 200_000  # json.loads: RecursionError; a builder that follows it: memory quadratic in the depth
+    f.write_text('{"v": {"start": ' + "[" * depth + "]" * depth + ', "end": [], "text": []}}')
+    with pytest.raises(CaptionError, match="video 'v': 'start' nests a list or an object in a list; the format nests "
+                                           "no deeper than"):
+        load_captions(f)
+    f.write_text('{"v": {"start": [0], "end": [1], "text": ["a"], "meta": ' + "{" * 10 + "}" * 10 + "}}")
+    with pytest.raises(CaptionError, match="video 'v': 'meta' holds an object; the format nests no deeper"):
+        load_captions(f)
+    f.write_text("[" * depth + "]" * depth)
+    with pytest.raises(CaptionError, match="the top level must be an object .* got array"):
+        load_captions(f)
+
+
+def test_a_duplicate_video_key_is_reported_by_id(tmp_path):
+    f = tmp_path / "caption.json"
+    f.write_text('{"a": {"start": [0], "end": [6], "text": ["first entry"]}, "b": {"start": [0], "end": [6], '
+                 '"text": ["x y"]}, "a": {"start": [10], "end": [16], "text": ["second entry"]}}')
+    with pytest.raises(CaptionError, match="caption.json: video 'a' appears twice; a JSON reader would keep only the "
+                                           "last entry and drop the first one's segments"):
+        load_captions(f)
