@@ -192,16 +192,16 @@ def _build(cfg, source, index, plans: Path, tmp: Path, key: str, inputs: dict) -
 
     groups = []
     dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-    for group in pack_groups(videos(), cfg.max_samples_per_shard, cfg.shards_per_task):
-        frames = 0
-        with (tmp / f"group-{group.index:06d}.jsonl").open("w", encoding="utf-8") as f:
-            for vid, rows in group.videos:
-                payload = dumps([vid, rows])
-                h.update(payload.encode("utf-8", "surrogatepass"))
-                f.write("[" + dumps(paths.pop(vid)) + "," + payload + "]\n")
-                frames += sum(len(row[6]) for row in rows)
-        groups.append([group.first_shard, group.num_shards, len(group.videos), group.clips, frames])
-    errors.close()
+    with errors:
+        for group in pack_groups(videos(), cfg.max_samples_per_shard, cfg.shards_per_task):
+            frames = 0
+            with (tmp / f"group-{group.index:06d}.jsonl").open("w", encoding="utf-8") as f:
+                for vid, rows in group.videos:
+                    payload = dumps([vid, rows])
+                    h.update(payload.encode("utf-8", "surrogatepass"))
+                    f.write("[" + dumps(paths.pop(vid)) + "," + payload + "]\n")
+                    frames += sum(len(row[6]) for row in rows)
+            groups.append([group.first_shard, group.num_shards, len(group.videos), group.clips, frames])
     phash = h.hexdigest()
     manifest = {
         "format": PLAN_FORMAT, "plan_hash": phash, "inputs_key": key, "inputs": inputs, "settings": settings,

@@ -85,8 +85,14 @@ def _entries(p: Path) -> Iterator[tuple[str, Any]]:
                 raise CaptionError(f"{p}: the top level must be an object {_FORMAT}, got {kind}")
             for event, key in events:
                 if event == "end_map":
+                    for _extra in events:  # anything after the top-level object (yajl raises on most of it)
+                        raise CaptionError(f"{p}: data after the top-level object; expected {_FORMAT}")
                     return
-                event, value = next(events)
+                if event != "map_key":  # cannot happen with a conforming parser; never loop on it
+                    raise CaptionError(f"{p}: unexpected {event} at the top level")
+                event, value = next(events, (None, None))
+                if event is None:
+                    raise CaptionError(f"{p}: the file ends inside the entry of video {key!r}")
                 if event == "start_map":
                     value = _video_object(p, key, events)
                 elif event == "start_array":
@@ -103,7 +109,9 @@ def _video_object(p: Path, vid: str, events) -> dict[str, Any]:
     for event, key in events:
         if event == "end_map":
             return entry
-        event, value = next(events)
+        event, value = next(events, (None, None))
+        if event is None:
+            break
         if event == "start_array":
             value = _scalar_list(p, vid, key, events)
         elif event == "start_map":
