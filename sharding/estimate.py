@@ -3,12 +3,14 @@
     est = estimate(cfg, stored_plan)   # {"output_bytes", "core_hours", "sample_videos", "sample_clips", "method"}
 
 How: ``dry_run_videos`` videos are picked evenly over the plan's groups (the first video of each picked group),
-each decoded in this process exactly as a decode task would (``extract_clips``, same frame size, quality, decoder
-and threads), and timed in CPU seconds (``time.process_time``: the decoder's threads included). Each decoded clip
+each decoded exactly as a decode task would (``DecodeWorker``: a child process with the ``video_timeout_s``
+budget, same frame size, quality, decoder and threads), and timed in CPU seconds of that child (user + system,
+its decoder threads included, read from ``/proc``). Each decoded clip
 is encoded as its shard sample and sized as a tar member would be (a 512-byte header per member, data padded to
 512 bytes). Then, per planned clip:
 
-    output_bytes = sample bytes per clip * planned clips + 1 KiB end-of-archive per shard + the sidecars' bytes
+    output_bytes = sample bytes per written clip * planned clips * share of the sample's clips written
+                   + per shard: the end-of-archive blocks, half a tar record of padding, its sidecar
     core_hours   = decode CPU seconds per clip * planned clips / 3600
 
 Clips of timed ASR tile their video, so the cost per clip stands for the cost per second of video. The decode cost
@@ -18,23 +20,32 @@ not in the averages. The estimate is as good as the sample is typical: raise ``d
 
 from __future__ import annotations
 
-import time
+import os
 
 from sharding.plan import planned_clip
 from sharding.planstore import read_group
 from sharding.write import clip_sample
 
 TAR_BLOCK = 512
-SIDECAR_BYTES_PER_SAMPLE = 40  # a key and its [offset, length] in the sidecar's JSON
+TAR_RECORD = 10240  # tarfile pads an archive to whole records: half a record per shard on average
+SIDECAR_BYTES = 450  # a sidecar's fixed fields (hash, versions, ...)
+SIDECAR_BYTES_PER_SAMPLE = 50  # a key and its [offset, length] in the sidecar's JSON
 
 
 def _tar_bytes(members: dict[str, bytes]) -> int:
     return sum(TAR_BLOCK + -(-len(data) // TAR_BLOCK) * TAR_BLOCK for data in members.values())
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def estimate(cfg, stored) -> dict:
-    from sharding.decode.extract import extract_clips
     from sharding.decode.video import ExtractError
+    from sharding.decode.worker import DecodeWorker
 
     groups = stored.groups
     k = min(cfg.dry_run_videos, len(groups))
@@ -45,31 +56,37 @@ def estimate(cfg, stored) -> dict:
     cpu = 0.0
     clips_timed = sample_bytes = samples = 0
     failures: list[str] = []
-    for g in picks:
-        vid, path, rows = read_group(stored.group_file(g))[0]
-        clips = [planned_clip(vid, row) for row in rows]
-        t0 = time.process_time()
-        try:
-            info, per_clip = extract_clips(
-                path, [(c.start, c.end, c.targets) for c in clips], frame_size=cfg.frame_size,
-                center_crop=cfg.center_crop, jpeg_quality=cfg.jpeg_quality, threads=cfg.decoder_threads,
-                decoder=cfg.decoder, end_tolerance=cfg.plan.end_tolerance_seconds)
-        except ExtractError as e:
-            failures.append(f"{vid}: {e.cls}")
-            continue
-        cpu += time.process_time() - t0
-        clips_timed += len(clips)
-        for clip, result in zip(clips, per_clip):
-            if not isinstance(result, ExtractError):
-                sample_bytes += _tar_bytes(clip_sample(clip, info, result)[1])
-                samples += 1
+    worker = DecodeWorker()
+    try:
+        for g in picks:
+            vid, path, rows = read_group(stored.group_file(g))[0]
+            clips = [planned_clip(vid, row) for row in rows]
+            try:
+                worker.ensure_started(path)
+                t0 = _cpu_seconds(worker.pid)
+                info, per_clip = worker.run(
+                    path, [(c.start, c.end, c.targets) for c in clips], timeout=cfg.video_timeout_s,
+                    frame_size=cfg.frame_size, center_crop=cfg.center_crop, jpeg_quality=cfg.jpeg_quality,
+                    threads=cfg.decoder_threads, decoder=cfg.decoder, end_tolerance=cfg.plan.end_tolerance_seconds)
+                cpu += _cpu_seconds(worker.pid) - t0
+            except ExtractError as e:
+                failures.append(f"{vid}: {e.cls}")
+                continue
+            clips_timed += len(clips)
+            for clip, result in zip(clips, per_clip):
+                if not isinstance(result, ExtractError):
+                    sample_bytes += _tar_bytes(clip_sample(clip, info, result)[1])
+                    samples += 1
+    finally:
+        worker.close()
     m = stored.manifest
     if not samples:
         return {"output_bytes": None, "core_hours": None, "sample_failures": failures,
                 "why": f"none of the {len(picks)} sampled videos decoded ({', '.join(failures)})"}
     per_clip_bytes = sample_bytes / samples + SIDECAR_BYTES_PER_SAMPLE
+    per_shard = 2 * TAR_BLOCK + TAR_RECORD / 2 + SIDECAR_BYTES
     return {
-        "output_bytes": round(per_clip_bytes * m["clips"] + 2 * TAR_BLOCK * m["shards"]),
+        "output_bytes": round(per_clip_bytes * m["clips"] * samples / clips_timed + per_shard * m["shards"]),
         "core_hours": round(cpu / clips_timed * m["clips"] / 3600, 4),
         "bytes_per_clip": round(per_clip_bytes), "cpu_s_per_clip": round(cpu / clips_timed, 5),
         "sample_videos": len(picks) - len(failures), "sample_clips": clips_timed, "sample_failures": failures,
