@@ -180,9 +180,10 @@ def _clean(segments) -> list[list]:
                     last[1] = end
                 continue
             if start <= last[1] + TOUCH_SECONDS:
-                # the longest tail of the previous caption that is a head of this one
+                # the longest tail of the previous caption that is a head of this one (a tail starts with words[0])
                 k = min(len(prev_raw), len(words))
-                while k and prev_raw[-k:] != words[:k]:
+                first = words[0]
+                while k and (prev_raw[-k] != first or prev_raw[-k:] != words[:k]):
                     k -= 1
                 words = words[k:]
             prev_raw = raw
@@ -370,9 +371,14 @@ def clip_rows(segments: list[Segment], plan_cfg) -> list[list]:
     num_frames, sampling, fps, slice_ = plan_cfg.num_frames, plan_cfg.sampling, plan_cfg.fps, plan_cfg.slice
     rows = []
     for i, c in enumerate(clips):
-        targets = clip_frame_times(c.start, c.end, num_frames=num_frames, sampling=sampling, fps=fps, slice=slice_)
-        rows.append([i, -1, round(c.start, 6), round(c.end, 6), c.text, [s[:3] for s in c.segments],
-                     [round(t, 6) for t in targets]])
+        start, end = c.start, c.end
+        count = int(math.floor((end - start) * fps + 1e-9)) if sampling == "fps" else 0
+        if 0 < count <= num_frames:  # clip_frame_times' common case, inline: every 1/fps s, no slicing
+            targets = [round(start + (k + 0.5) / fps, 6) for k in range(count)]
+        else:
+            targets = [round(t, 6) for t in clip_frame_times(start, end, num_frames=num_frames, sampling=sampling,
+                                                             fps=fps, slice=slice_)]
+        rows.append([i, -1, round(start, 6), round(end, 6), c.text, [s[:3] for s in c.segments], targets])
     return rows
 
 
