@@ -96,9 +96,11 @@ def _keeper(argv: list[str]) -> int:
         print(f"failed ray start exited with {started.returncode}: {tail}", flush=True)
         _kill_session()
         return 1
-    print(f"ready 127.0.0.1:{port}", flush=True)
     try:
+        print(f"ready 127.0.0.1:{port}", flush=True)  # BrokenPipeError when the driver died while Ray started
         sys.stdin.buffer.read()  # returns at EOF: the driver closed its end, exited or was killed
+    except OSError:
+        pass
     finally:
         _kill_session()
     return 0
