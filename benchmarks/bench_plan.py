@@ -98,6 +98,10 @@ def measure(method: str, corpus: Path, out: Path, pythonpath: str) -> dict:
     env = dict(os.environ, PYTHONPATH=pythonpath)
     res = subprocess.run([sys.executable, "-c", CHILD, str(corpus), str(out), method], capture_output=True,
                          text=True, env=env, cwd=corpus)  # cwd: not the repository (sys.path[0] of -c)
+    if res.returncode < 0:  # killed, e.g. by the kernel's OOM killer: say so, go on with the other method
+        shutil.rmtree(out, ignore_errors=True)
+        why = " (out of memory?)" if res.returncode == -9 else ""
+        return {"failed": f"killed by signal {-res.returncode}{why}"}
     if res.returncode != 0:
         raise SystemExit(f"{method} planner failed:\n{res.stderr[-3000:]}")
     shutil.rmtree(out, ignore_errors=True)
@@ -148,13 +152,14 @@ def main() -> None:
             new = measure("new", corpus, work / "out", new_path)
             old = measure("old", corpus, work / "out", old_path) if n <= args.old_max else None
             rows.append((n, old, new))
-            old_txt = f"{old['cpu_s']:.1f} / {gib(old['peak_rss'])}" if old else "not run (--old-max)"
+            old_txt = ("not run (--old-max)" if old is None else old["failed"] if "failed" in old
+                       else f"{old['cpu_s']:.1f} / {gib(old['peak_rss'])}")
             print(f"| {n:,} | {size / 1e6:.0f} MB | {new['clips']:,} | {old_txt} | {new['cpu_s']:.1f} / "
                   f"{gib(new['peak_rss'])} |", flush=True)
             shutil.rmtree(corpus)
         print()
         for name, idx in (("old", 1), ("new", 2)):
-            pts = [(row[0], row[idx]) for row in rows if row[idx]]
+            pts = [(row[0], row[idx]) for row in rows if row[idx] and "failed" not in row[idx]]
             if not pts:
                 continue
             a_cpu, b_cpu = slope([(n, m["cpu_s"]) for n, m in pts])

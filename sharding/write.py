@@ -264,11 +264,14 @@ def resume_scan(out: Path, groups: list[tuple[int, list[str]]], records: dict[in
         all_in = rec is not None
         for stem in stems:
             known = rec["shards"].get(stem) if rec is not None else None
-            if known is not None and f"{stem}.tar" in names and f"{stem}.json" in names                     and not (fraction and (fraction >= 1.0 or (rng or random).random() < fraction))                     and shard_facts(out, stem) == known.get("facts"):
+            both = f"{stem}.tar" in names and f"{stem}.json" in names
+            spot_check = fraction and (fraction >= 1.0 or (rng or random).random() < fraction)
+            if known is not None and both and not spot_check and shard_facts(out, stem) == known.get("facts"):
                 committed[stem] = known
                 continue
-            if known is not None or f"{stem}.tar" in names or f"{stem}.json" in names                     or f".{stem}.tar.tmp" in names or f".{stem}.json.tmp" in names:
-                rehashed += f"{stem}.tar" in names and f"{stem}.json" in names
+            leftovers = (f"{stem}.tar", f"{stem}.json", f".{stem}.tar.tmp", f".{stem}.json.tmp")
+            if known is not None or any(name in names for name in leftovers):
+                rehashed += both
                 sidecar = _check_stem(out, stem, plan_hash, versions, removed, names)
                 if sidecar is not None:
                     committed[stem] = summary(sidecar, shard_facts(out, stem))
