@@ -387,7 +387,7 @@ def _run(cfg: ShardConfig, out: Path, lock) -> int:
           + (f"; removed partial {removed}" if removed else ""))
 
     live = _Live(cfg, out, stored, versions, committed, {g: records[g] for g in done})
-    live.write_errors(final=False)
+    live.write_errors()
     live.progress("running" if pending else "finishing", force=True)
     crashed: list[tuple[int, str]] = []
     if pending:
@@ -526,7 +526,7 @@ class _Live:
         }
         write_atomic(self.out / PROGRESS, json.dumps(info, indent=1, sort_keys=True).encode())
 
-    def write_errors(self, final: bool, crashed: list[tuple[int, str]] = ()) -> Counter:
+    def write_errors(self, crashed: list[tuple[int, str]] = ()) -> Counter:
         """errors.jsonl whole: the plan's failures, then each done group's, in plan order, then crashed groups."""
         by_class, failed_clips = Counter(), 0
         tmp = self.out / f".{ERRORS}.tmp"
@@ -576,7 +576,7 @@ class _Live:
         return manifest
 
     def finish(self, crashed: list[tuple[int, str]], t_start: float) -> int:
-        by_class = self.write_errors(final=True, crashed=crashed)
+        by_class = self.write_errors(crashed)
         n_shards = self.stored.manifest["shards"]
         complete = len(self.records) == len(self.stored.groups) and not crashed
         manifest = self.write_manifest(complete=complete, by_class=by_class)

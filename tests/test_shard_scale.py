@@ -191,3 +191,21 @@ def test_a_full_output_disk_is_a_clear_error_and_the_rerun_completes(sample_corp
     # the same command on a disk with room (the tmpfs is gone with its namespace) plans and completes
     result = _run_cli(args(sample_corpus, out, "dry_run=true", "dry_run_videos=0"))
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("caption, message", [
+    ('{"v": {"start": [0, 1e300], "end": [1, 1.7e308], "text": ["a", "b"]}}',
+     "video 'v': segment 1: times must lie within 0 .. 172800 s (48 h"),
+    ('{"v": {"start": ' + "[" * 100_000 + "]" * 100_000 + ', "end": [], "text": []}}',
+     "video 'v': 'start' nests a list or an object in a list"),
+    ('{"v": {"start": [0], "end": [6], "text": ["one"]}, "v": {"start": [9], "end": [12], "text": ["two"]}}',
+     "video 'v' appears twice"),
+])
+def test_hostile_captions_stop_the_job_with_one_line(tmp_path, caption, message):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "v.mp4").write_bytes(b"never decoded")
+    (tmp_path / "caption.json").write_text(caption)
+    result = _run_cli([f"videos={tmp_path / 'videos'}", f"captions={tmp_path / 'caption.json'}",
+                       f"out={tmp_path / 'out'}", "progress=false"])
+    _assert_one_clear_line(result, f"{tmp_path / 'caption.json'}: ", message)
+    assert not list((tmp_path / "out" / ".ptrain_shard" / "plans").glob("*/manifest.json"))  # no partial plan kept
