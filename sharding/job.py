@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import platform
+import secrets
 import socket
 import sys
 import time
@@ -212,10 +213,15 @@ def _unreachable(address: str, timeout: float = 5.0) -> str | None:
 
 def _start_ray(cfg, lock_fd: int):
     """``(ray, local head or None)``: joins ``ray.address``, or starts a local Ray that dies with this driver."""
-    if not cfg.ray.address and "ray" not in sys.modules:
-        # Ray reads its authentication mode from the environment once, when it is imported: the local head and
-        # this driver must agree, so decide it before the import (token authentication, Ray's default)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not cfg.ray.address:
+        if "ray" not in sys.modules:
+            # Ray reads its authentication mode from the environment once, when it is imported: the local head
+            # and this driver must agree, so decide it before the import (token authentication, Ray's default)
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if os.environ.get("RAY_AUTH_MODE") == "token":
+            # a token of this driver's own, in its environment (and so its local Ray's): nothing is written to
+            # ~/.ray, and a machine where Ray never made a token works too (ray start refuses to run without one)
+            os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     import ray
 
     head = None

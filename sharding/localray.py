@@ -121,7 +121,7 @@ class LocalRay:
     def start(cls, num_cpus: int | None = None, hold_fd: int | None = None, auth_mode: str = "token",
               timeout: float = 300.0) -> "LocalRay":
         """``auth_mode``: the ``RAY_AUTH_MODE`` the driver's Ray was imported with (both ends must agree); with
-        ``token``, Ray's own token (``~/.ray/auth_token``, made when missing), as ``ray.init()`` would use."""
+        ``token``, the token is the driver's ``RAY_AUTH_TOKEN`` (the keeper and Ray inherit the environment)."""
         args = ["--num-cpus", str(num_cpus)] if num_cpus else []
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": auth_mode}
         proc = subprocess.Popen([sys.executable, "-m", "sharding.localray", *args], stdin=subprocess.PIPE,
