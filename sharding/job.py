@@ -212,7 +212,8 @@ def _unreachable(address: str, timeout: float = 5.0) -> str | None:
 
 
 def _start_ray(cfg, lock_fd: int):
-    """``(ray, local head or None)``: joins ``ray.address``, or starts a local Ray that dies with this driver."""
+    """``(ray, local head or None, connected here)``: joins ``ray.address``, or starts a local Ray that dies with
+    this driver; a Ray this process is already connected to is used as it is (and left connected)."""
     if not cfg.ray.address:
         if "ray" not in sys.modules:
             # Ray reads its authentication mode from the environment once, when it is imported: the local head
@@ -225,7 +226,8 @@ def _start_ray(cfg, lock_fd: int):
     import ray
 
     head = None
-    if not ray.is_initialized():
+    connected_here = not ray.is_initialized()
+    if connected_here:
         kwargs = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
         try:
             if cfg.ray.address:
@@ -253,7 +255,7 @@ def _start_ray(cfg, lock_fd: int):
             raise RayStartError(f"cannot start a local Ray (ray.num_cpus={cfg.ray.num_cpus}): {why}\n  Check "
                                 "the free memory and /tmp space, or join a running cluster with ray.address=...") \
                 from None
-    return ray, head
+    return ray, head, connected_here
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,7 +405,7 @@ def _run(cfg: ShardConfig, out: Path, lock) -> int:
 
 def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: dict, live, lock_fd: int):
     """Run the pending groups on Ray through a window of at most ``ray.window`` tasks in flight."""
-    ray, head = _start_ray(cfg, lock_fd)
+    ray, head, connected_here = _start_ray(cfg, lock_fd)
     live.local_ray = {"session": head.session, "address": head.address} if head else None
     phash = stored.plan_hash
     opts = {"out": str(out.resolve()), "name": cfg.name, "plan_hash": phash, "versions": live.versions,
@@ -477,7 +479,8 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
     finally:
         ledger.close()
         bar.close()
-        ray.shutdown()
+        if connected_here:
+            ray.shutdown()
         if head is not None:
             head.stop()
     return crashed
