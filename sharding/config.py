@@ -64,13 +64,25 @@ class RayConfig:
     )
     num_cpus: Optional[int] = opt(None, "CPUs of the local Ray (unset: all); ignored when joining a cluster")
     cpus_per_task: float = opt(1.0, "CPUs reserved by each decode and write task")
+    window: int = opt(
+        0, "most Ray tasks (decode + write) in flight at once; 0: two per task slot of the cluster (its CPUs / "
+           "cpus_per_task). The driver submits more only as tasks finish, so decoded frames never pile up"
+    )
 
     def __post_init__(self):
         p = Problems()
         p.check(self.cpus_per_task > 0, "cpus_per_task", f"cpus_per_task must be positive, got {self.cpus_per_task}")
+        p.check(self.window >= 0, "window", f"window must be >= 0 (0: two tasks per task slot), got {self.window}")
         p.check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus",
                 f"num_cpus must be at least 1 (or unset: all cores), got {self.num_cpus}")
         p.raise_any()
+
+
+def _fraction(text: str) -> bool:
+    try:
+        return 0.0 < float(text) <= 1.0
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -78,7 +90,9 @@ class ShardConfig:
     """`ptrain shard`: videos + their annotations (a source) -> WebDataset tars of JPEG frames."""
 
     source: str = opt("howto100m", f"input kind, the reader of the annotations: one of {', '.join(SOURCES)}")
-    videos: str = opt("", "directory of <video_id>.<ext> files (mp4, webm, mkv, avi), searched recursively")
+    videos: str = opt("", "directory of <video_id>.<ext> files (mp4, webm, mkv, avi, mov, m4v), searched recursively; "
+                          "or a list file: one video path per line, or a CSV with a video_id,path header (a "
+                          "million-file tree is then not walked on every run)")
     captions: str = opt("", "source howto100m: caption.json / raw_caption.json: {video_id: {start: [...], end: "
                             "[...], text: [...]}}")
     video_list: Optional[str] = opt(None, "source howto100m: optional CSV (HowTo100M_v1.csv style, column video_id) "
@@ -102,6 +116,16 @@ class ShardConfig:
     video_timeout_s: float = opt(120.0, "per-video decode budget; a decode that takes longer is killed and recorded")
     ray: RayConfig = section(RayConfig, "Ray cluster")
     progress: bool = opt(True, "show a progress bar")
+    dry_run: bool = opt(
+        False, "plan only: report videos, clips, frames, shards, tasks and missing videos, and estimate the output "
+               "bytes and core-hours from a few timed decodes (dry_run_videos); no shard is written"
+    )
+    dry_run_videos: int = opt(4, "videos the dry run decodes, timed, for its estimates (spread over the plan)")
+    verify: str = opt(
+        "quick", "how a rerun checks the shards already committed: 'quick' trusts a shard whose tar and sidecar "
+                 "have the size and mtime its group record states (nothing is read); 'full' re-hashes every one; "
+                 "a fraction such as 0.01 re-hashes that share, picked at random"
+    )
 
     def __post_init__(self):
         p = Problems()
@@ -123,6 +147,9 @@ class ShardConfig:
         p.check(self.shards_per_task >= 1, "shards_per_task", f"shards_per_task must be at least 1, got {self.shards_per_task}")
         p.check(self.video_timeout_s > 0, "video_timeout_s", f"video_timeout_s must be positive, got {self.video_timeout_s}")
         p.check(self.decoder_threads >= 0, "decoder_threads", f"decoder_threads must be >= 0, got {self.decoder_threads}")
+        p.check(self.dry_run_videos >= 0, "dry_run_videos", f"dry_run_videos must be >= 0, got {self.dry_run_videos}")
+        p.check(self.verify in ("quick", "full") or _fraction(self.verify), "verify",
+                f"verify must be 'quick', 'full' or a fraction in (0, 1] such as 0.01, got {self.verify!r}")
         p.check(bool(self.name) and not any(c in self.name for c in "/\\.") and not self.name.startswith("-"), "name",
                 f"name must be a plain file prefix without '/', '\\' or '.', got {self.name!r}")
         p.raise_any()

@@ -1,23 +1,27 @@
-"""Timed segments -> clips -> frame timestamps -> shard assignment, and the plan hash. Pure functions.
+"""Timed segments -> clips -> frame timestamps -> shard groups, and the video index. Pure functions.
 
-The plan is a pure function of (the source's records, the planning config): the same inputs give the same clips,
-the same frame timestamps, the same shard of every clip and the same ``plan_hash``. Nothing here reads an
-annotation file (``sharding/sources`` does) or touches a video; the only I/O is listing the video directory.
+The plan is a pure function of (the source's records in their order, the planning config): the same inputs give
+the same clips, the same frame timestamps and the same shard of every clip. Nothing here reads an annotation file
+(``sharding/sources`` does), touches a video or writes a file (``sharding/planstore.py`` stores the plan); the
+only I/O is listing the videos (``index_videos``).
 
-    clips = plan_video(record.video_id, record.segments, cfg.plan)   # [PlannedClip], keys and frame times
-    times = clip_frame_times(start, end, num_frames=12)            # target timestamps in seconds
-    groups = assign_shards(videos_with_clips, max_samples_per_shard, shards_per_task)
+    rows = plan_record(record, cfg.plan)                            # one video's clips as compact plan rows
+    clips = plan_video(record.video_id, record.segments, cfg.plan)  # [PlannedClip], keys and frame times
+    times = clip_frame_times(start, end, num_frames=12)             # target timestamps in seconds
+    for group in pack_groups(stream_of_(video_id, rows), max_samples_per_shard, shards_per_task): ...
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ptrain.data.format import sample_key
+from ptrain.data.format import sanitize_id
 from sharding.sources import Segment, VideoRecord
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -35,34 +39,81 @@ class Clip:
 # the video directory
 
 
-def find_videos(root: str | Path) -> tuple[dict[str, Path], dict[str, list[Path]]]:
-    """``({video_id: path}, {video_id: [other paths]})`` for every ``<video_id>.<ext>`` under ``root``.
+@dataclass
+class VideoIndex:
+    """Where each video file is: ``found`` ``{video_id: path}``, ``duplicates`` ``{video_id: [other paths]}``, and
+    ``digest``, a hash of the listing (what a stored plan is checked against when ``videos`` is a directory)."""
 
-    When an id appears more than once (another extension or another sub-directory), the first extension in
-    VIDEO_EXTENSIONS, then the first path in sorted order, wins; the others are returned as duplicates."""
-    r = Path(root)
+    found: dict[str, str]
+    duplicates: dict[str, list[str]]
+    list_file: bool  # videos= named a list file (its paths are not checked: a missing one fails at decode time)
+    digest: str
+
+
+def index_videos(spec: str | Path) -> VideoIndex:
+    """The video files of ``videos=``: a directory (searched recursively for ``<video_id>.<ext>``) or a list file,
+    one path per line or a CSV with a ``video_id,path`` header (relative paths are taken from the list's directory),
+    so a million-file tree need not be walked on every run.
+
+    When an id appears more than once (another extension or another sub-directory, or twice in a list), the first
+    extension in VIDEO_EXTENSIONS, then the first path in sorted order (in a list: the first line) wins; the others
+    are returned as duplicates. Paths are kept as strings (a Path object costs several times the memory)."""
+    r = Path(spec)
+    if r.is_file():
+        return _index_list(r)
     if not r.is_dir():
-        raise FileNotFoundError(f"{r}: video directory not found; pass videos=DIR")
-    candidates: dict[str, list[Path]] = {}
-    for path in sorted(r.rglob("*")):
-        # not is_file(): a FIFO or a device is the decoder's problem, and is recorded as such
-        if path.suffix.lower() in VIDEO_EXTENSIONS and not path.is_dir():
-            candidates.setdefault(path.name[: -len(path.suffix)], []).append(path)
-    found, duplicates = {}, {}
-    for vid, paths in candidates.items():
-        paths.sort(key=lambda p: (VIDEO_EXTENSIONS.index(p.suffix.lower()), str(p)))
-        found[vid] = paths[0]
-        if len(paths) > 1:
-            duplicates[vid] = paths[1:]
-    return found, duplicates
+        raise FileNotFoundError(f"{r}: video directory or list file not found; pass videos=DIR or videos=LIST")
+    ranked: dict[str, tuple[int, str]] = {}
+    duplicates: dict[str, list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(r):
+        dirnames.sort()
+        for name in filenames:
+            stem, dot, ext = name.rpartition(".")
+            ext = "." + ext.lower()
+            if not dot or not stem or ext not in VIDEO_EXTENSIONS:
+                continue
+            # not is_file(): a FIFO or a device is the decoder's problem, and is recorded as such
+            cand = (VIDEO_EXTENSIONS.index(ext), os.path.join(dirpath, name))
+            have = ranked.get(stem)
+            if have is None:
+                ranked[stem] = cand
+            else:
+                keep, drop = (cand, have) if cand < have else (have, cand)
+                ranked[stem] = keep
+                duplicates.setdefault(stem, []).append(drop[1])
+    found = {vid: path for vid, (_rank, path) in ranked.items()}
+    del ranked
+    dups = {vid: sorted(paths, key=lambda p: (VIDEO_EXTENSIONS.index(os.path.splitext(p)[1].lower()), p))
+            for vid, paths in duplicates.items()}
+    h = hashlib.sha256()
+    for vid in sorted(found):
+        h.update(f"{vid}\0{found[vid]}\n".encode("utf-8", "surrogateescape"))
+    return VideoIndex(found, dups, False, h.hexdigest())
+
+
+def _index_list(path: Path) -> VideoIndex:
+    found: dict[str, str] = {}
+    duplicates: dict[str, list[str]] = {}
+    base = path.parent
+    with path.open(newline="", encoding="utf-8") as f:
+        first = f.readline()
+        header = [c.strip() for c in first.strip().split(",")]
+        if header[:2] == ["video_id", "path"]:
+            rows = ((row[0].strip(), row[1].strip()) for row in csv.reader(f) if len(row) >= 2 and row[0].strip())
+        else:
+            f.seek(0)
+            rows = ((os.path.splitext(os.path.basename(line.strip()))[0], line.strip()) for line in f if line.strip())
+        for vid, p in rows:
+            full = p if os.path.isabs(p) else os.path.join(base, p)
+            if vid in found:
+                duplicates.setdefault(vid, []).append(full)
+            else:
+                found[vid] = full
+    return VideoIndex(found, duplicates, True, "")
 
 
 # ----------------------------------------------------------------------------------------------
 # clips
-
-
-def _words(text: str) -> list[str]:
-    return text.split()
 
 
 # A segment with start == end (an ASR line with a single timestamp) is widened to this duration, so that it has a
@@ -78,63 +129,14 @@ def clean_segments(segments: list[Segment]) -> list[Segment]:
     re-shows the previous segment's tail (only when the two overlap or touch in time: a word said again 10 s later
     is kept), and remove time overlaps (a segment starts where the previous ends; one that ends inside the previous
     one is merged into it). A zero-length segment is first widened to ``ZERO_LENGTH_SECONDS``."""
-    ordered = sorted(
-        (Segment(s.start, s.end if s.end > s.start else s.start + ZERO_LENGTH_SECONDS,
-                 " ".join(_words(s.text.replace("\n", " ")))) for s in segments),
-        key=lambda s: (s.start, s.end, s.text),
-    )
-    out: list[Segment] = []
-    prev_raw: list[str] = []  # words of the previous segment as the ASR showed them (before trimming)
-    for seg in ordered:
-        words = _words(seg.text)
-        if not words:
-            continue
-        raw = words
-        if out:
-            if words == prev_raw and seg.start < out[-1].end + 0.5:
-                # exact rolling repeat: keep one copy, spanning both
-                out[-1] = Segment(out[-1].start, max(out[-1].end, seg.end), out[-1].text)
-                continue
-            if seg.start <= out[-1].end + TOUCH_SECONDS:
-                # the longest tail of the previous caption that is a head of this one
-                k = next((n for n in range(min(len(prev_raw), len(words)), 0, -1) if prev_raw[-n:] == words[:n]), 0)
-                words = words[k:]
-            prev_raw = raw
-            if not words:  # fully repeated: it only extends the previous segment
-                out[-1] = Segment(out[-1].start, max(out[-1].end, seg.end), out[-1].text)
-                continue
-            if seg.end <= out[-1].end:  # swallowed in time by the previous segment: merge its new words into it
-                out[-1] = Segment(out[-1].start, out[-1].end, out[-1].text + " " + " ".join(words))
-                continue
-            seg = Segment(max(seg.start, out[-1].end), seg.end, " ".join(words))
-        prev_raw = raw
-        out.append(seg)
-    return out
+    return [Segment(*s[:3]) for s in _clean(segments)]
 
 
 def split_long_segments(segments: list[Segment], max_seconds: float) -> list[Segment]:
     """Split every segment longer than ``max_seconds`` into the fewest equal pieces no longer than it, sharing its
     words out in proportion to time (as if spoken at an even pace), so that a clip's text is what was said during
     the clip; pieces that get no word are dropped."""
-    out = []
-    for seg in segments:
-        duration = seg.end - seg.start
-        if duration <= max_seconds:
-            out.append(seg)
-            continue
-        words = _words(seg.text)
-        n, pieces = len(words), math.ceil(duration / max_seconds - 1e-9)
-        # word w goes to piece k when b_k <= w < b_(k+1), b_k = round_half_up(k * n / pieces); computed per word
-        # (a bogus timestamp can ask for millions of pieces, almost all of them empty)
-        by_piece: dict[int, list[str]] = {}
-        for w, word in enumerate(words):
-            k = min(((w + 1) * pieces - pieces // 2 - 1) // n, pieces - 1) if n else 0
-            by_piece.setdefault(k, []).append(word)
-        for k, part in by_piece.items():
-            out.append(Segment(seg.start + duration * k / pieces,
-                               seg.end if k == pieces - 1 else seg.start + duration * (k + 1) / pieces,
-                               " ".join(part)))
-    return out
+    return [Segment(*s[:3]) for s in _split_long([[*s, len(s[2].split())] for s in segments], max_seconds)]
 
 
 def plan_clips(
@@ -149,46 +151,115 @@ def plan_clips(
     left to right by merging neighbours until a clip lasts ``min_seconds`` and has ``min_words`` words, never beyond
     ``max_seconds`` nor across a silence longer than ``max_gap_seconds``. A too-short tail is merged into the
     previous clip when that stays within ``max_seconds``. Clips with no text are dropped."""
-    clips: list[Clip] = []
-    current: list[Segment] = []
-
-    def emit(segs: list[Segment]) -> None:
-        text = " ".join(s.text for s in segs).strip()
-        if not text:
-            return
-        start, end = segs[0].start, max(s.end for s in segs)
-        clips.append(Clip(start, end, text, list(segs)))
-
-    def satisfied(segs: list[Segment]) -> bool:
-        words = sum(len(_words(s.text)) for s in segs)
-        return segs[-1].end - segs[0].start >= min_seconds and words >= min_words
-
-    for seg in split_long_segments(clean_segments(segments), max_seconds):
-        if current:
-            too_long = seg.end - current[0].start > max_seconds
-            too_far = seg.start - current[-1].end > max_gap_seconds
-            if too_long or too_far:
-                _close(current, clips, emit, satisfied, max_seconds, max_gap_seconds)
-                current = []
-        current.append(seg)
-        if satisfied(current):
-            emit(current)
-            current = []
-    if current:
-        _close(current, clips, emit, satisfied, max_seconds, max_gap_seconds)
+    clips = _plan_clips(segments, min_seconds, min_words, max_seconds, max_gap_seconds)
+    for c in clips:
+        c.segments = [Segment(*s[:3]) for s in c.segments]
     return clips
 
 
-def _close(current, clips, emit, satisfied, max_seconds, max_gap_seconds) -> None:
+# The functions above, on the planner's working form of a segment: a list [start, end, text, number of words]
+# (index access and one split per segment: planning 136M segments, attribute access and splitting again add up).
+
+
+def _clean(segments) -> list[list]:
+    # tuples (start, end, normalised text, words) sort by (start, end, text), as Segments do
+    ordered = sorted(
+        (a, b if b > a else a + ZERO_LENGTH_SECONDS, " ".join(w), w) for a, b, t in segments for w in (t.split(),)
+    )
+    out: list[list] = []  # the kept segments, mutable while they may still grow
+    prev_raw: list[str] = []  # words of the previous segment as the ASR showed them (before trimming)
+    for start, end, text, words in ordered:
+        if not words:
+            continue
+        raw = words
+        if out:
+            last = out[-1]
+            if words == prev_raw and start < last[1] + 0.5:
+                # exact rolling repeat: keep one copy, spanning both
+                if end > last[1]:
+                    last[1] = end
+                continue
+            if start <= last[1] + TOUCH_SECONDS:
+                # the longest tail of the previous caption that is a head of this one (a tail starts with words[0])
+                k = min(len(prev_raw), len(words))
+                first = words[0]
+                while k and (prev_raw[-k] != first or prev_raw[-k:] != words[:k]):
+                    k -= 1
+                words = words[k:]
+            prev_raw = raw
+            if not words:  # fully repeated: it only extends the previous segment
+                if end > last[1]:
+                    last[1] = end
+                continue
+            if end <= last[1]:  # swallowed in time by the previous segment: merge its new words into it
+                last[2] = last[2] + " " + " ".join(words)
+                last[3] += len(words)
+                continue
+            out.append([max(start, last[1]), end, " ".join(words) if words is not raw else text, len(words)])
+            continue
+        prev_raw = raw
+        out.append([start, end, text, len(words)])
+    return out
+
+
+def _split_long(segments: list[list], max_seconds: float) -> list[list]:
+    out = []
+    for seg in segments:
+        start, end = seg[0], seg[1]
+        duration = end - start
+        if duration <= max_seconds:
+            out.append(seg)
+            continue
+        words = seg[2].split()
+        n, pieces = len(words), math.ceil(duration / max_seconds - 1e-9)
+        # word w goes to piece k when b_k <= w < b_(k+1), b_k = round_half_up(k * n / pieces); computed per word
+        # (a bogus timestamp can ask for millions of pieces, almost all of them empty)
+        by_piece: dict[int, list[str]] = {}
+        for w, word in enumerate(words):
+            k = min(((w + 1) * pieces - pieces // 2 - 1) // n, pieces - 1) if n else 0
+            by_piece.setdefault(k, []).append(word)
+        for k, part in by_piece.items():
+            out.append([start + duration * k / pieces,
+                        end if k == pieces - 1 else start + duration * (k + 1) / pieces, " ".join(part), len(part)])
+    return out
+
+
+def _plan_clips(segments, min_seconds, min_words, max_seconds, max_gap_seconds) -> list[Clip]:
+    clips: list[Clip] = []
+    current: list[list] = []
+    words = 0  # words in ``current`` (kept as it grows: counting them again per segment is quadratic)
+    for seg in _split_long(_clean(segments), max_seconds):
+        if current and (seg[1] - current[0][0] > max_seconds or seg[0] - current[-1][1] > max_gap_seconds):
+            _close(current, words, clips, min_seconds, min_words, max_seconds, max_gap_seconds)
+            current, words = [], 0
+        current.append(seg)
+        words += seg[3]
+        if seg[1] - current[0][0] >= min_seconds and words >= min_words:
+            _emit(current, clips)
+            current, words = [], 0
+    if current:
+        _close(current, words, clips, min_seconds, min_words, max_seconds, max_gap_seconds)
+    return clips
+
+
+def _emit(segs: list[list], clips: list[Clip]) -> None:
+    """Append the clip made of ``segs`` (none when they hold no text)."""
+    text = " ".join([s[2] for s in segs])
+    if text:
+        clips.append(Clip(segs[0][0], max([s[1] for s in segs]), text, segs))
+
+
+def _close(current, words, clips, min_seconds, min_words, max_seconds, max_gap_seconds) -> None:
     """Emit a group that could not grow further; merge it into the previous clip when it is too small and fits."""
-    if not satisfied(current) and clips:
+    satisfied = current[-1][1] - current[0][0] >= min_seconds and words >= min_words
+    if not satisfied and clips:
         prev = clips[-1]
-        fits = current[-1].end - prev.start <= max_seconds and current[0].start - prev.end <= max_gap_seconds
+        fits = current[-1][1] - prev.start <= max_seconds and current[0][0] - prev.end <= max_gap_seconds
         if fits:
             merged = prev.segments + current
-            clips[-1] = Clip(prev.start, max(s.end for s in merged), " ".join(s.text for s in merged), merged)
+            clips[-1] = Clip(prev.start, max([s[1] for s in merged]), " ".join([s[2] for s in merged]), merged)
             return
-    emit(current)
+    _emit(current, clips)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,85 +349,96 @@ class PlannedClip:
     shard: int = -1
 
 
-@dataclass
-class TaskPlan:
-    """One Ray task: decode these videos once, write these shards."""
-
-    task_index: int
-    videos: list[str]
-    shards: list[int]
-    clips: list[PlannedClip]
+# A planned clip as the plan files store it (compact; ``PlannedClip`` is its readable form):
+#   [clip_index, shard, start, end, text, [[seg_start, seg_end, seg_text], ...], [target times]]
+ROW_INDEX, ROW_SHARD = 0, 1
 
 
-def plan_record(record: VideoRecord, plan_cfg) -> list[PlannedClip]:
-    """The clips of one source record, cut from its timed ``segments`` (HowTo100M-style ASR)."""
+def plan_record(record: VideoRecord, plan_cfg) -> list[list]:
+    """The clip rows of one source record, cut from its timed ``segments`` (HowTo100M-style ASR)."""
     if not record.segments and (record.captions or record.sentences or record.span is not None):
         # benchmark records (one sample per video with all its captions) get their own planner in a later step
         raise NotImplementedError(f"video {record.video_id!r}: a benchmark record (captions/span, no timed "
                                   "segments); this ptrain plans only timed ASR segments (source howto100m)")
-    return plan_video(record.video_id, record.segments, plan_cfg)
+    return clip_rows(record.segments, plan_cfg)
+
+
+def clip_rows(segments: list[Segment], plan_cfg) -> list[list]:
+    """Clips of one video's timed segments (``plan_clips``) with their frame times, as plan rows (shard -1 until
+    ``pack_groups`` deals them); ``plan_cfg`` is the ``plan`` section of ShardConfig."""
+    clips = _plan_clips(segments, plan_cfg.min_seconds, plan_cfg.min_words, plan_cfg.max_seconds,
+                        plan_cfg.max_gap_seconds)
+    num_frames, sampling, fps, slice_ = plan_cfg.num_frames, plan_cfg.sampling, plan_cfg.fps, plan_cfg.slice
+    rows = []
+    for i, c in enumerate(clips):
+        start, end = c.start, c.end
+        count = int(math.floor((end - start) * fps + 1e-9)) if sampling == "fps" else 0
+        if 0 < count <= num_frames:  # clip_frame_times' common case, inline: every 1/fps s, no slicing
+            targets = [round(start + (k + 0.5) / fps, 6) for k in range(count)]
+        else:
+            targets = [round(t, 6) for t in clip_frame_times(start, end, num_frames=num_frames, sampling=sampling,
+                                                             fps=fps, slice=slice_)]
+        rows.append([i, -1, round(start, 6), round(end, 6), c.text, [s[:3] for s in c.segments], targets])
+    return rows
+
+
+def planned_clip(video_id: str, row: list, key_stem: str | None = None) -> PlannedClip:
+    """The readable form of a plan row (``key_stem``: ``sanitize_id(video_id)``, when the caller has it)."""
+    i, shard, start, end, text, segs, targets = row
+    stem = key_stem if key_stem is not None else sanitize_id(video_id)
+    return PlannedClip(video_id, i, f"{stem}_{i:04d}", start, end, text,
+                       [{"start": a, "end": b, "text": t} for a, b, t in segs], targets, shard)
 
 
 def plan_video(video_id: str, segments: list[Segment], plan_cfg) -> list[PlannedClip]:
-    """Clips of one video's timed segments (``plan_clips``), each with its key and frame times (``plan_cfg``: the
-    ``plan`` section of ShardConfig)."""
-    clips = plan_clips(
-        segments,
-        min_seconds=plan_cfg.min_seconds,
-        min_words=plan_cfg.min_words,
-        max_seconds=plan_cfg.max_seconds,
-        max_gap_seconds=plan_cfg.max_gap_seconds,
-    )
-    out = []
-    for i, c in enumerate(clips):
-        targets = clip_frame_times(
-            c.start, c.end, num_frames=plan_cfg.num_frames, sampling=plan_cfg.sampling, fps=plan_cfg.fps,
-            slice=plan_cfg.slice,
-        )
-        out.append(PlannedClip(video_id, i, sample_key(video_id, i), round(c.start, 6), round(c.end, 6), c.text,
-                               [asdict(s) for s in c.segments], [round(t, 6) for t in targets]))
-    return out
+    """Clips of one video's timed segments, each with its key and frame times (shard unassigned)."""
+    stem = sanitize_id(video_id)
+    return [planned_clip(video_id, row, stem) for row in clip_rows(segments, plan_cfg)]
 
 
-def assign_shards(per_video: dict[str, list[PlannedClip]], max_samples_per_shard: int,
-                  shards_per_task: int) -> list[TaskPlan]:
-    """Pack videos (sorted by id) into tasks of at most ``max_samples_per_shard * shards_per_task`` clips (a video
-    with more clips gets a task of its own), then deal each task's clips round robin over its shards, interleaving
-    videos (clip 0 of every video, then clip 1, ...), so the clips of one video are spread across shards."""
+@dataclass
+class Group:
+    """A shard group: one writer's shards and the videos whose clips fill them (each video decoded once)."""
+
+    index: int
+    first_shard: int
+    num_shards: int
+    videos: list[tuple[str, list[list]]]  # (video_id, clip rows with their shard) in stream order
+    clips: int
+
+    @property
+    def shards(self) -> list[int]:
+        return list(range(self.first_shard, self.first_shard + self.num_shards))
+
+
+def pack_groups(videos, max_samples_per_shard: int, shards_per_task: int):
+    """Pack ``(video_id, rows)`` pairs, in the order given, into groups of at most ``max_samples_per_shard *
+    shards_per_task`` clips (a video with more clips gets a group of its own), and deal each group's clips round
+    robin over its shards, interleaving videos (clip 0 of every video, then clip 1, ...; videos by id), so the clips
+    of one video are spread across shards. A generator: memory is one group, whatever the corpus."""
     capacity = max_samples_per_shard * shards_per_task
-    tasks: list[TaskPlan] = []
-    group: list[str] = []
-    count = 0
-    for vid in sorted(per_video):
-        n = len(per_video[vid])
+    group: list[tuple[str, list[list]]] = []
+    count = index = next_shard = 0
+
+    def close() -> Group:
+        nonlocal index, next_shard
+        n_shards = max(1, math.ceil(count / max_samples_per_shard))
+        order = sorted((row[ROW_INDEX], vid, row) for vid, rows in group for row in rows)
+        for j, (_i, _vid, row) in enumerate(order):
+            row[ROW_SHARD] = next_shard + j % n_shards
+        g = Group(index, next_shard, n_shards, group, count)
+        index += 1
+        next_shard += n_shards
+        return g
+
+    for vid, rows in videos:
+        n = len(rows)
         if n == 0:
             continue
         if group and count + n > capacity:
-            tasks.append(TaskPlan(len(tasks), group, [], []))
+            yield close()
             group, count = [], 0
-        group.append(vid)
+        group.append((vid, rows))
         count += n
     if group:
-        tasks.append(TaskPlan(len(tasks), group, [], []))
-    next_shard = 0
-    for task in tasks:
-        interleaved = sorted(
-            (c for vid in task.videos for c in per_video[vid]), key=lambda c: (c.clip_index, c.video_id)
-        )
-        n_shards = max(1, math.ceil(len(interleaved) / max_samples_per_shard))
-        for j, clip in enumerate(interleaved):
-            clip.shard = next_shard + j % n_shards
-        task.shards = list(range(next_shard, next_shard + n_shards))
-        task.clips = sorted(interleaved, key=lambda c: (c.shard, c.key))
-        next_shard += n_shards
-    return tasks
-
-
-def plan_hash(tasks: list[TaskPlan], settings: dict) -> str:
-    """sha256 over every planned clip and the output-affecting settings: names the plan a shard belongs to."""
-    h = hashlib.sha256()
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    for task in tasks:
-        for c in task.clips:
-            h.update(json.dumps([c.video_id, c.clip_index, c.shard, c.start, c.end, c.text, c.targets]).encode())
-    return h.hexdigest()
+        yield close()

@@ -39,7 +39,8 @@ def shard_args(corpus: Path, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
-    cfg = load_config(ShardConfig, None, shard_args(corpus, out))
+    # a window larger than the job: every task is submitted at once (what bounded runs are compared with)
+    cfg = load_config(ShardConfig, None, shard_args(corpus, out) + ["ray.window=1000"])
     assert shard_run(cfg) == 0
     return out, cfg
 
@@ -155,7 +156,7 @@ def test_kill_mid_run_then_rerun_is_byte_identical(corpus, reference, tmp_path):
     # every shard commit take 5 s more (slow storage), so the kill below always lands after the first commit
     # and long before the last, however fast the machine is
     cmd = [sys.executable, "-m", "ptrain", "shard", *shard_args(corpus, out), "ray.num_cpus=1",
-           "videos_per_decode_task=1"]
+           "videos_per_decode_task=1", "ray.window=2"]
     slow_env = {**os.environ, "PTRAIN_TEST_COMMIT_DELAY_S": "5", "PTRAIN_TEST_COMMIT_LOG": str(commit_log),
                 "PYTHONPATH": os.pathsep.join([str(SLOW_HOOK), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -167,8 +168,12 @@ def test_kill_mid_run_then_rerun_is_byte_identical(corpus, reference, tmp_path):
             time.sleep(0.05)
         assert _lines(commit_log), "no shard was committed in time"
     finally:
-        kill_session(proc.pid)  # the driver and every Ray process (workers leave the driver's process group)
+        kill_session(proc.pid)  # the driver (its local Ray, in a session of its own, goes with it)
         proc.wait()
+    # watchable while it ran: progress, and the failures of the groups done so far
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["state"] == "running" and progress["window"] == 2 and 1 <= progress["max_tasks_in_flight"] <= 2
+    assert (out / "errors.jsonl").is_file()
     # the hook ran in the Ray worker that wrote the shard (workers inherit the driver's environment), not the driver
     committers = [line.split() for line in _lines(commit_log)]
     assert committers and all(int(pid) != proc.pid for pid, _shard in committers)
@@ -182,6 +187,80 @@ def test_kill_mid_run_then_rerun_is_byte_identical(corpus, reference, tmp_path):
     assert tar_hashes(out) == tar_hashes(ref_out)
     assert not list(out.glob(".*.tmp"))
     assert (out / "errors.jsonl").read_text() == (ref_out / "errors.jsonl").read_text()
+
+
+def test_rerun_over_committed_shards_reads_none_of_them(corpus, reference, monkeypatch, capsys):
+    import builtins
+    import io
+
+    import sharding.write as write
+
+    out, cfg = reference
+    stems = sorted(p.stem for p in out.glob("shard-*.tar"))
+    assert len(stems) > 10
+    opened, hashed = [], []
+    real_open = builtins.open
+
+    def spy_open(file, *a, **k):
+        opened.append(os.fspath(file) if not isinstance(file, int) else "")
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(io, "open", spy_open)
+    monkeypatch.setattr(write, "file_sha256", lambda p: hashed.append(p) or (0, ""))
+    assert shard_run(cfg) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(stems)} shards already committed (0 re-hashed" in printed and "reused)" in printed
+    assert not hashed
+    shard_files = [f for f in opened if Path(f).name.startswith("shard-")]
+    assert shard_files == [], shard_files  # neither a tar nor a sidecar was opened
+
+
+@pytest.mark.slow
+def test_a_window_smaller_than_the_job_gives_the_same_bytes(corpus, reference, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "windowed"
+    cfg = load_config(ShardConfig, None, shard_args(corpus, out) + ["ray.window=2", "videos_per_decode_task=1"])
+    assert shard_run(cfg) == 0
+    progress = json.loads((out / "progress.json").read_text())
+    plan = json.loads(next((out / ".ptrain_shard" / "plans").glob("*/manifest.json")).read_text())
+    tasks = sum(g[2] + 1 for g in plan["groups"])  # one decode task per video here, one writer per group
+    assert tasks > 4 * progress["window"] and progress["window"] == 2
+    # the driver counted what it had in flight after every submission: never more than the window
+    assert 1 <= progress["max_tasks_in_flight"] <= 2
+    assert tar_hashes(out) == tar_hashes(ref_out)
+    assert (out / "errors.jsonl").read_text() == (ref_out / "errors.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_a_killed_driver_takes_its_local_ray_with_it(corpus, tmp_path):
+    from net import session_pids
+
+    out = tmp_path / "out"
+    commit_log = tmp_path / "commits.log"
+    cmd = [sys.executable, "-m", "ptrain", "shard", *shard_args(corpus, out), "ray.num_cpus=1"]
+    slow_env = {**os.environ, "PTRAIN_TEST_COMMIT_DELAY_S": "30", "PTRAIN_TEST_COMMIT_LOG": str(commit_log),
+                "PYTHONPATH": os.pathsep.join([str(SLOW_HOOK), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=slow_env)
+    keeper = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not _lines(commit_log) and proc.poll() is None:
+            time.sleep(0.05)
+        assert _lines(commit_log), "no shard was committed in time"
+        keeper = json.loads((out / "progress.json").read_text())["local_ray"]["session"]
+        assert len(session_pids(keeper)) > 3  # the keeper, gcs, raylet, agents, workers
+        os.kill(proc.pid, 9)  # the driver alone: what `kill -9` of a user's `ptrain shard` does
+        proc.wait()
+        deadline = time.time() + 60  # the keeper's grace is 5 s; a loaded machine gets more
+        while time.time() < deadline and session_pids(keeper):
+            time.sleep(0.2)
+        assert session_pids(keeper) == [], "Ray processes outlived the killed driver"
+    finally:
+        kill_session(proc.pid)
+        if keeper is not None:
+            kill_session(keeper)
 
 
 def test_hung_decoder_is_killed_and_the_job_goes_on(corpus, tmp_path):

@@ -72,9 +72,18 @@ class DecodeWorker:
             raise ExtractError("decoder_crash", f"{path}: not decoded: the decoder process did not start (waited "
                                                 f"{time.monotonic() - t0:.0f} s); is the machine out of memory?")
 
-    def run(self, path, clips, *, timeout: float, **kwargs):
+    @property
+    def pid(self) -> int | None:
+        """The decoder child's pid (None before it starts): its CPU time is what a video cost."""
+        return self._proc.pid if self._proc is not None else None
+
+    def ensure_started(self, what="the decoder") -> None:
+        """Start the child now (``run`` does it when needed), so its start-up is not counted against a video."""
         if self._proc is None or not self._proc.is_alive():
-            self._start(path)
+            self._start(what)
+
+    def run(self, path, clips, *, timeout: float, **kwargs):
+        self.ensure_started(path)
         self._conn.send((str(path), clips, kwargs))
         t0 = time.monotonic()
         if not self._conn.poll(timeout):

@@ -1,23 +1,35 @@
-"""The HowTo100M source: ``caption.json`` (timed ASR segments per video) and the optional ``HowTo100M_v1.csv`` list.
+"""The HowTo100M source: ``caption.json`` (timed ASR segments per video), read as a stream, and the optional list.
 
     source = HowTo100M("caption.json", video_list="HowTo100M_v1.csv")   # or HowTo100M.from_config(shard_cfg)
-    for record in source.records():        # VideoRecord(video_id, segments=[Segment, ...]) in list order
+    for record in source.records():        # VideoRecord(video_id, segments=[Segment, ...]) in caption-file order
         ...
 
-Without a video list every captioned video is yielded, sorted by id; with one, the listed ids in file order, a
-listed id absent from the captions as a record with ``skip_reason`` set. The caption file is validated whole before
-the first record (a malformed entry stops the job at once, naming the file, the video id and the problem).
+``caption.json`` (about 5 GB for the 1.22M videos of HowTo100M) is never held whole: ``iter_captions`` parses it
+incrementally with ijson (its C backend, yajl2_c, where it is installed) and yields one validated video at a time,
+so the reader's memory is one video's entry plus the set of ids seen (duplicates are reported by id). The nesting
+is bounded by the format's (object / object / list / scalar): anything deeper is refused as soon as it opens.
+yajl reads a lone surrogate escape (``"\\ud83d"``, not Unicode) as ``?``; ijson's pure-Python backend keeps it, and
+the segment is then refused.
+
+Records come in the order of ``caption.json``; with a video list, only the listed videos, still in caption-file
+order, then the listed ids absent from the captions as records with ``skip_reason`` set (in list order). A malformed
+entry stops the job, naming the file, the video id and the problem (the planner has touched no video by then).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
+import operator
 from pathlib import Path
 from typing import Any, Iterator
 
 from sharding.sources import CaptionError, Segment, VideoRecord, file_facts
+
+# The longest video a caption time may point into. HowTo100M's longest videos last a few hours; a time beyond this
+# bound is a broken timestamp (an epoch time, 1e300), refused before it reaches any arithmetic.
+MAX_VIDEO_SECONDS = 48 * 3600.0
+_FORMAT = "{video_id: {start: [...], end: [...], text: [...]}}"
 
 
 class HowTo100M:
@@ -35,67 +47,177 @@ class HowTo100M:
         return cls(cfg.captions, cfg.video_list)
 
     def records(self) -> Iterator[VideoRecord]:
-        captions = load_captions(self.captions)
-        ids = load_video_list(self.video_list) if self.video_list else sorted(captions)
-        for vid in ids:
-            if vid not in captions:
+        listed = load_video_list(self.video_list) if self.video_list else None
+        wanted = set(listed) if listed is not None else None
+        for vid, segments in iter_captions(self.captions):
+            if wanted is None or vid in wanted:
+                if wanted is not None:
+                    wanted.discard(vid)
+                yield VideoRecord(vid, segments=segments)
+        for vid in listed or ():
+            if vid in wanted:
                 yield VideoRecord(vid, skip_reason=f"{vid}: listed in {self.video_list} but absent from "
                                                    f"{self.captions}")
-            else:
-                yield VideoRecord(vid, segments=captions[vid])
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.name, "captions": file_facts(self.captions), "video_list": file_facts(self.video_list)}
 
 
-def load_captions(path: str | Path) -> dict[str, list[Segment]]:
-    """Read and validate a HowTo100M ``caption.json``; fail fast on the first malformed entry."""
+def _json_error(p: Path, e: Exception, vid: str | None) -> CaptionError:
+    near = f" (in or after video {vid!r})" if vid is not None else ""
+    why = " ".join(str(e).split())[:200]
+    return CaptionError(f"{p}: not valid UTF-8 JSON{near}: {type(e).__name__}: {why}; expected {_FORMAT}")
+
+
+def _entries(p: Path) -> Iterator[tuple[str, Any]]:
+    """``(key, value)`` of the top-level object, built from parser events with the nesting bounded by the format:
+    an object of objects of lists of scalars. Anything nested deeper is refused at once (a builder that followed it
+    would spend memory quadratic in the depth, or recurse until the stack overflows)."""
+    import ijson
+
+    with p.open("rb") as f:
+        events = ijson.basic_parse(f, use_float=True)
+        key = None
+        try:
+            first = next(events, None)
+            if first is None or first[0] != "start_map":
+                kind = "nothing" if first is None else first[0].replace("start_", "").replace("map", "object")
+                raise CaptionError(f"{p}: the top level must be an object {_FORMAT}, got {kind}")
+            for event, key in events:
+                if event == "end_map":
+                    for _extra in events:  # anything after the top-level object (yajl raises on most of it)
+                        raise CaptionError(f"{p}: data after the top-level object; expected {_FORMAT}")
+                    return
+                if event != "map_key":  # cannot happen with a conforming parser; never loop on it
+                    raise CaptionError(f"{p}: unexpected {event} at the top level")
+                event, value = next(events, (None, None))
+                if event is None:
+                    raise CaptionError(f"{p}: the file ends inside the entry of video {key!r}")
+                if event == "start_map":
+                    value = _video_object(p, key, events)
+                elif event == "start_array":
+                    value = _scalar_list(p, key, "", events)
+                yield key, value
+        except (ijson.JSONError, UnicodeDecodeError, ValueError) as e:
+            if isinstance(e, CaptionError):
+                raise
+            raise _json_error(p, e, key) from None
+
+
+def _video_object(p: Path, vid: str, events) -> dict[str, Any]:
+    entry: dict[str, Any] = {}
+    for event, key in events:
+        if event == "end_map":
+            return entry
+        event, value = next(events, (None, None))
+        if event is None:
+            break
+        if event == "start_array":
+            value = _scalar_list(p, vid, key, events)
+        elif event == "start_map":
+            raise CaptionError(f"{p}: video {vid!r}: {key!r} holds an object; the format nests no deeper than "
+                               f"{_FORMAT} (lists of numbers or strings)")
+        entry[key] = value
+    raise CaptionError(f"{p}: video {vid!r}: the file ends inside its entry")
+
+
+def _scalar_list(p: Path, vid: str, key: str, events) -> list:
+    out: list = []
+    append = out.append
+    for event, value in events:
+        if event == "end_array":
+            return out
+        if event in ("start_map", "start_array"):
+            where = f"video {vid!r}: {key!r}" if key else f"video {vid!r}"
+            raise CaptionError(f"{p}: {where} nests a list or an object in a list; the format nests no deeper than "
+                               f"{_FORMAT} (lists of numbers or strings)")
+        append(value)
+    raise CaptionError(f"{p}: video {vid!r}: the file ends inside its entry")
+
+
+def iter_captions(path: str | Path) -> Iterator[tuple[str, list[Segment]]]:
+    """``(video_id, segments)`` for every video of a HowTo100M ``caption.json``, in file order, validated one video
+    at a time; CaptionError (naming the file, the video and the problem) on the first malformed entry, and on an id
+    that appears twice (a JSON reader would silently keep only the last entry). A segment is a plain ``(start, end,
+text)`` tuple: the fields of a Segment, which the planner reads by position."""
     p = Path(path)
     if not p.is_file():
         raise CaptionError(f"{p}: caption file not found; pass captions=FILE pointing at caption.json")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CaptionError(f"{p}: not valid UTF-8 JSON ({e}); expected {{video_id: {{start, end, text}}}}") from None
-    if not isinstance(data, dict):
-        raise CaptionError(f"{p}: the top level must be an object {{video_id: {{start, end, text}}}}, "
-                           f"got {type(data).__name__}")
-    out: dict[str, list[Segment]] = {}
-    for vid, entry in data.items():
-        where = f"{p}: video {vid!r}"
-        if not isinstance(entry, dict):
-            raise CaptionError(f"{where}: expected an object with start/end/text lists, got {type(entry).__name__}")
-        missing = [k for k in ("start", "end", "text") if k not in entry]
-        if missing:
-            raise CaptionError(f"{where}: missing key(s) {', '.join(missing)}")
-        starts, ends, texts = entry["start"], entry["end"], entry["text"]
-        if not all(isinstance(x, list) for x in (starts, ends, texts)):
-            raise CaptionError(f"{where}: start, end and text must be lists")
-        if not len(starts) == len(ends) == len(texts):
-            raise CaptionError(
-                f"{where}: start, end and text have different lengths ({len(starts)}, {len(ends)}, {len(texts)})"
-            )
-        segs = []
-        for i, (s, e, t) in enumerate(zip(starts, ends, texts)):
+    seen: set[str] = set()
+    for vid, entry in _entries(p):
+        if vid in seen:
+            raise CaptionError(f"{p}: video {vid!r} appears twice; a JSON reader would keep only the last entry and "
+                               "drop the first one's segments: merge the two entries or remove one")
+        seen.add(vid)
+        yield vid, _segments(p, vid, entry)
+
+
+_NUMBERS = frozenset((float, int))
+_STRINGS = frozenset((str,))
+
+
+def _segments(p: Path, vid: str, entry: Any) -> list[Segment]:
+    """The validated segments of one entry, as ``(start, end, text)`` tuples (what a Segment is; plain tuples are
+    the cheapest to make, 136M times)."""
+    where = f"{p}: video {vid!r}"
+    if not isinstance(entry, dict):
+        raise CaptionError(f"{where}: expected an object with start/end/text lists, got {type(entry).__name__}")
+    missing = [k for k in ("start", "end", "text") if k not in entry]
+    if missing:
+        raise CaptionError(f"{where}: missing key(s) {', '.join(missing)}")
+    starts, ends, texts = entry["start"], entry["end"], entry["text"]
+    if not all(isinstance(x, list) for x in (starts, ends, texts)):
+        raise CaptionError(f"{where}: start, end and text must be lists")
+    if not len(starts) == len(ends) == len(texts):
+        raise CaptionError(
+            f"{where}: start, end and text have different lengths ({len(starts)}, {len(ends)}, {len(texts)})"
+        )
+    # the common case checked list by list at C speed: numbers (no bool) within bounds, end >= start, text
+    # strings of valid Unicode; anything else goes through the loop below, which names the first bad segment
+    if starts and _NUMBERS.issuperset(map(type, starts)) and _NUMBERS.issuperset(map(type, ends)) \
+            and _STRINGS.issuperset(map(type, texts)) and min(starts) >= 0 \
+            and max(ends) <= MAX_VIDEO_SECONDS and max(starts) <= MAX_VIDEO_SECONDS \
+            and not any(map(operator.lt, ends, starts)):
+        try:
+            "".join(texts).encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:
+            return list(zip(map(float, starts), map(float, ends), texts))
+    segs = []
+    for i, (s, e, t) in enumerate(zip(starts, ends, texts)):
+        if s.__class__ is not float or e.__class__ is not float:  # the fast path: both plain floats
             if isinstance(s, bool) or isinstance(e, bool) or not isinstance(s, (int, float)) \
                     or not isinstance(e, (int, float)):
                 raise CaptionError(f"{where}: segment {i}: start/end must be numbers (seconds), got {s!r}, {e!r}")
+            if abs(s) > MAX_VIDEO_SECONDS or abs(e) > MAX_VIDEO_SECONDS:  # a huge int would overflow float()
+                raise CaptionError(f"{where}: segment {i}: times must lie within 0 .. {MAX_VIDEO_SECONDS:.0f} s "
+                                   f"(48 h, the longest video this planner accepts), got {s!r}, {e!r}")
+            s, e = float(s), float(e)
+        if not (0.0 <= s <= MAX_VIDEO_SECONDS and e <= MAX_VIDEO_SECONDS):
             if not (math.isfinite(s) and math.isfinite(e)) or s < 0:
                 raise CaptionError(f"{where}: segment {i}: times must be finite and >= 0, got {s!r}, {e!r}")
-            if e < s:
-                raise CaptionError(f"{where}: segment {i}: end {e} is before start {s}")
+            raise CaptionError(f"{where}: segment {i}: times must lie within 0 .. {MAX_VIDEO_SECONDS:.0f} s "
+                               f"(48 h, the longest video this planner accepts), got {s!r}, {e!r}")
+        if e < s:
+            raise CaptionError(f"{where}: segment {i}: end {ends[i]} is before start {starts[i]}")
+        if t.__class__ is not str:
             if t is None:
                 t = ""
-            if not isinstance(t, str):
+            else:
                 raise CaptionError(f"{where}: segment {i}: text must be a string, got {type(t).__name__}")
-            try:
-                t.encode("utf-8")
-            except UnicodeEncodeError:
-                raise CaptionError(f"{where}: segment {i}: text is not valid Unicode (a lone surrogate escape?): "
-                                   f"{t!r}; fix or drop that segment") from None
-            segs.append(Segment(float(s), float(e), t))
-        out[str(vid)] = segs
-    return out
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CaptionError(f"{where}: segment {i}: text is not valid Unicode (a lone surrogate escape?): "
+                               f"{t!r}; fix or drop that segment") from None
+        segs.append((s, e, t))
+    return segs
+
+
+def load_captions(path: str | Path) -> dict[str, list[Segment]]:
+    """A whole HowTo100M ``caption.json`` as ``{video_id: [Segment]}`` (small files, tests: the job streams it)."""
+    return {vid: [Segment(*s) for s in segs] for vid, segs in iter_captions(path)}
 
 
 def load_video_list(path: str | Path) -> list[str]:
