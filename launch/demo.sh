@@ -44,7 +44,7 @@ mkdir -p "$demo"
 t0=$SECONDS
 say() { printf '\n== %s (%ss)\n' "$*" $((SECONDS - t0)); }
 
-say "1/4 sample data: $videos videos -> $demo/raw"
+say "1/5 sample data: $videos videos -> $demo/raw"
 if [[ ! -f "$demo/raw/sample_meta.json" ]]; then
   ptrain sample-data out="$demo/raw" num_videos="$videos" seed=0 overwrite=true
 fi
