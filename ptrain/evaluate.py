@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ptrain import distributed as du
-from ptrain.configs import EvalConfig, EvalDuringTrainConfig
+from ptrain.configs import EvalConfig, EvalDuringTrainConfig, batch_problem
 from ptrain.data.config import DataConfig
 from ptrain.metrics import chunked_similarity, qb_norm, retrieval_metrics
 from ptrain.model.config import ModelConfig
@@ -100,6 +100,12 @@ def embed(model, loader, max_samples: int = 0, reversed_too: bool = False) -> di
     info = [x for p in parts for x in p["info"]]
     order = torch.argsort(pos_t)
     keep = order[valid_t[order]]
+    if not len(keep):
+        dirs = sorted({str(Path(s.path).parent) for s in loader.dataset.shards})
+        counts = {k: v for k, v in loader.stats.items() if v and k.startswith(("samples_", "shards_"))}
+        raise ValueError(f"none of the {loader.num_samples} held-out samples could be read {counts}: the "
+                         f"JSON or JPEGs of the shards in {', '.join(dirs)} are damaged throughout; re-shard them "
+                         "or evaluate other shards")
     if max_samples:
         keep = keep[:max_samples]
     out: dict[str, Any] = {"video": video[keep], "text": text[keep], "items": [info[i] for i in keep.tolist()]}
@@ -309,6 +315,8 @@ def evaluate(cfg: EvalConfig, reversed_too: bool = False) -> tuple[dict[str, Any
     device = _device(cfg.device)
     model = load(export, map_location=device, dtype=torch.bfloat16 if cfg.dtype == "bf16" else None)
     mc = model.cfg
+    if (why := batch_problem("batch_size", cfg.batch_size, mc.num_frames, mc.frame_size)) is not None:
+        raise ValueError(why)
     data_cfg = DataConfig(num_workers=cfg.num_workers, frame_sampling=cfg.frame_sampling)
     loader = build_eval_loader(data_cfg, num_frames=mc.num_frames, frame_size=mc.frame_size, max_words=mc.max_words,
                                batch_size=cfg.batch_size, sources=list(cfg.shards), tokenizer=model.tokenizer_path,
