@@ -79,6 +79,23 @@ if [[ "$DS_ACCELERATOR" == cpu ]]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / per_node > 0 ? cores / per_node : 1 ))}"
 fi
 
+# Launch flags first (cheap), then the config.
+args=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+[[ -n "$NUM_GPUS" ]] && args+=(--num_gpus "$NUM_GPUS")
+if [[ -n "$HOSTFILE" ]]; then
+  [[ -f "$HOSTFILE" ]] || { echo "$me: hostfile $HOSTFILE not found (lines: 'host slots=N')" >&2; exit 2; }
+  args+=(--hostfile "$HOSTFILE" --launcher "$LAUNCHER")
+  [[ -n "$LAUNCHER_ARGS" ]] && args+=(--launcher_args "$LAUNCHER_ARGS")
+  [[ -n "$NUM_NODES" ]] && args+=(--num_nodes "$NUM_NODES")
+else
+  # why: without this, deepspeed would read a stale /job/hostfile if one exists
+  args+=(--hostfile /dev/null)
+fi
+if [[ "$NO_SSH" == 1 ]]; then
+  [[ -n "$HOSTFILE" ]] || { echo "$me: --no-ssh needs --hostfile listing every node" >&2; exit 2; }
+  args+=(--no_ssh --node_rank "$NODE_RANK")
+fi
+
 # Validate before starting any rank: the config, everything the verb's preflight can check from it (shards, backbone,
 # run_dir writable, the checkpoint to resume), and that MASTER_PORT is free when the master is this machine.
 check_port=1
@@ -116,22 +133,6 @@ print(cfg.run_dir, file=answer)
 EOF
 )" || exit 2
 case "$run_dir" in /*) ;; *) run_dir="$PWD/$run_dir" ;; esac
-
-args=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
-[[ -n "$NUM_GPUS" ]] && args+=(--num_gpus "$NUM_GPUS")
-if [[ -n "$HOSTFILE" ]]; then
-  [[ -f "$HOSTFILE" ]] || { echo "$me: hostfile $HOSTFILE not found (lines: 'host slots=N')" >&2; exit 2; }
-  args+=(--hostfile "$HOSTFILE" --launcher "$LAUNCHER")
-  [[ -n "$LAUNCHER_ARGS" ]] && args+=(--launcher_args "$LAUNCHER_ARGS")
-  [[ -n "$NUM_NODES" ]] && args+=(--num_nodes "$NUM_NODES")
-else
-  # why: without this, deepspeed would read a stale /job/hostfile if one exists
-  args+=(--hostfile /dev/null)
-fi
-if [[ "$NO_SSH" == 1 ]]; then
-  [[ -n "$HOSTFILE" ]] || { echo "$me: --no-ssh needs --hostfile listing every node" >&2; exit 2; }
-  args+=(--no_ssh --node_rank "$NODE_RANK")
-fi
 
 echo "$me: $DS_ACCELERATOR, ranks/node ${NUM_GPUS:-all}, hostfile ${HOSTFILE:-none}, master $MASTER_ADDR:$MASTER_PORT, run_dir $run_dir" >&2
 set +e
