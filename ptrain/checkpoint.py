@@ -239,15 +239,23 @@ def _manifest(out: Path) -> dict[str, dict[str, Any]]:
 
 
 _WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
-# what torch.save and safetensors say when the underlying write failed (they do not keep the errno)
-_WRITE_FAILURE_TEXT = ("file write failed", "no space left", "file too large", "filetoolarge", "storagefull",
-                       "read-only file system", "disk quota", "permission denied", "input/output error")
+# what torch.save (its zip writer notices the bytes it lost: "unexpected pos") and safetensors say when the underlying
+# write failed; neither keeps the errno
+_WRITE_FAILURE_TEXT = ("file write failed", "unexpected pos", "no space left", "file too large", "filetoolarge",
+                       "storagefull", "read-only file system", "disk quota", "permission denied", "input/output error")
 
 
-def _write_failure(e: BaseException) -> bool:
+def _write_failure(e: BaseException, out: Path) -> bool:
+    """Whether ``e`` (raised while writing ``out``) is the file system refusing a write, not a bug."""
     if isinstance(e, OSError) and e.errno in _WRITE_FAILURES:
         return True
-    return any(t in str(e).lower() for t in _WRITE_FAILURE_TEXT)
+    if any(t in str(e).lower() for t in _WRITE_FAILURE_TEXT):
+        return True
+    try:  # whatever the message: a file system that is now full or read-only explains it
+        st = os.statvfs(out.parent)
+        return st.f_bavail * st.f_frsize < (16 << 20) or not os.access(out.parent, os.W_OK)
+    except OSError:
+        return False
 
 
 class CheckpointWriteError(OSError):
@@ -261,7 +269,7 @@ def save(engine, model_cfg: ModelConfig, run_dir: str | Path, state: dict[str, A
     try:
         return _save(engine, model_cfg, run_dir, out, state, cfg)
     except Exception as e:  # noqa: BLE001 - only write failures are translated, the rest goes up as it is
-        if not _write_failure(e):
+        if not _write_failure(e, out):
             raise
         raise CheckpointWriteError(
             f"could not write checkpoint {out} ({str(e).strip().splitlines()[-1][:300]}): the file system of run_dir "

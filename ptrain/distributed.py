@@ -73,7 +73,7 @@ class PortInUse(ValueError):
     """``MASTER_PORT`` is taken on this machine (another run, or another service)."""
 
 
-def _loopback_ip(addr: str) -> str | None:
+def loopback_ip(addr: str) -> str | None:
     """The address to bind for ``addr`` when every address it resolves to is a loopback one, else None."""
     try:
         infos = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
@@ -159,7 +159,7 @@ def init(timeout_s: int = 1800) -> None:
     if on_cuda():
         torch.cuda.set_device(local_rank())
     rank_, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
-    ip = _loopback_ip(os.environ["MASTER_ADDR"])
+    ip = loopback_ip(os.environ["MASTER_ADDR"])
     # torchrun's agent already serves the store on MASTER_PORT: the ranks only connect to it
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     if ip is None or agent_store:
