@@ -212,7 +212,7 @@ def test_a_run_directory_that_fills_up_mid_run_then_a_rerun_completes(data, tmp_
     """The first checkpoint does not fit (the tiny model's files are ~6 MB, the limit 3 MB): one line, exit 2, no
     traceback; the partial checkpoint has no COMPLETE marker, so a rerun with room starts over and completes."""
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "ptrain", "pretrain", f"run_dir={run}", "max_steps=2", "checkpoint.every_steps=1",
+    args = [sys.executable, "-m", "ptrain", "pretrain", f"run_dir={run}", "max_steps=1", "checkpoint.every_steps=1",
             f"data.sources=[{data['shards']}]", *TINY]
     proc = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300,
                           preexec_fn=_file_size_limit(3 << 20))
@@ -223,7 +223,7 @@ def test_a_run_directory_that_fills_up_mid_run_then_a_rerun_completes(data, tmp_
     assert not (run / "checkpoints" / "step_00000001" / "COMPLETE").exists()
     again = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (run / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    assert (run / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- config checks
@@ -285,8 +285,9 @@ def test_launcher_runs_every_config_check_before_starting_ranks(data, tmp_path):
 
 @pytest.fixture
 def taken_port():
+    """A port another process (here: this one) listens on, on loopback."""
     with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
+        s.bind(("127.0.0.1", 0))
         s.listen()
         yield s.getsockname()[1]
 
