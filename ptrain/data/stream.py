@@ -100,7 +100,11 @@ class StreamTrainStream(TrainStream):
         buffer: list[tuple[tuple[int, ...], str, dict[str, bytes]]] = []  # shuffle buffer of encoded samples
         stats: Counter = Counter()  # one object for the whole run: iter_tar_stream adds to it too
         batch, filled, m = self.new_batch(), 0, self.start_step * self.accum + wid
-        good_epoch = self.start_sample // plan.epoch_size  # the epoch of the last sample that decoded
+        # Undecodable samples in a row beyond two epochs of this stream (plus the buffer) mean that none of its
+        # samples decodes: every good one would have come round (shuffling only delays it by the buffer).
+        slots, _ = plan.epoch_layout(self.start_sample // plan.epoch_size)
+        mine = sum(self.shards[int(sid)].samples for j, sid in enumerate(slots) if j % streams == me)
+        limit, bad_run = max(2 * mine + 8 * self.micro, self.cfg.max_substitutes), 0
         for item in self._samples(plan, me, streams, stats):
             buffer.append(item)
             if len(buffer) < 8 * self.micro:
@@ -112,13 +116,14 @@ class StreamTrainStream(TrainStream):
             except (SampleError, jpeg.JpegError):  # skipped: the next buffered sample takes the row
                 stats["samples_corrupt"] += 1
                 batch.blank(filled)
-                if seed[1] >= good_epoch + 2:  # a whole epoch without one sample that decodes
+                bad_run += 1
+                if bad_run > limit:
                     raise DataUnreadable(
-                        f"data.sources: not one sample of this stream decoded in a whole epoch ({dict(stats)}): the "
-                        "shards' JSON or JPEGs are damaged throughout; re-shard them or point data.sources at "
-                        "readable shards") from None
+                        f"data.sources: none of the last {bad_run} samples of this stream decoded (two whole passes "
+                        f"over its shards; {dict(stats)}): the shards' JSON or JPEGs are damaged throughout; re-shard "
+                        "them or point data.sources at readable shards") from None
                 continue
-            good_epoch = seed[1]
+            bad_run = 0
             sample.key = key
             batch.fill(filled, sample, n, -1, choose_caption(self.cfg.caption_sampling, sample, self.seed, seed[1]))
             filled += 1
