@@ -59,6 +59,7 @@ DEEPSPEED_PICKLE_GLOBALS = (
     "deepspeed.utils.tensor_fragment.fragment_address",
 )
 MAX_PICKLE_BYTES = 256 << 20  # a data.pkl beyond this is not a tensor checkpoint's (its tensors are separate records)
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit on a header
 _STATE_KEYS = {"step": int, "samples_seen": int, "world_size": int, "zero_stage": int, "precision": str, "data": dict}
 
 
@@ -363,6 +364,8 @@ def _safetensors_problem(path: Path, rel: str) -> str | None:
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
             if n < 2 or 8 + n > size:
                 return f"{rel} is truncated (its header does not fit in its {size} bytes)"
+            if n > MAX_SAFETENSORS_HEADER:
+                return f"{rel}: its header claims {n} bytes, more than safetensors allows ({MAX_SAFETENSORS_HEADER})"
             header = json.loads(f.read(n))
         ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
     except (OSError, ValueError, TypeError, KeyError, IndexError) as e:
@@ -480,8 +483,8 @@ def _choose(run_dir: str | Path, cfg: CheckpointConfig) -> dict[str, Any]:
     damaged: dict[Path, list[str]] = {}
     for p in candidates:
         problems = verify(p)
-        if problems:
-            damaged[p] = problems
+        if problems:  # at most 5 named (a forged world size could list a million missing files)
+            damaged[p] = problems[:5] + ([f"and {len(problems) - 5} more"] if len(problems) > 5 else [])
             continue
         warnings = []
         for d, why in damaged.items():

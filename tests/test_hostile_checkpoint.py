@@ -145,6 +145,29 @@ def test_each_kind_of_damage_falls_back_to_the_previous_checkpoint(run, kind):
         assert w in text, (w, text)
 
 
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_forged_marker_or_state_is_checked_not_followed(run):
+    """COMPLETE and trainer_state.json are untrusted too: listed paths must stay inside the checkpoint, and a forged
+    world size is named in at most five problems, not a million."""
+    step = _step(run, 3)
+    _edit_json(step / "COMPLETE", lambda m: m["files"].update({"../../../etc/passwd": {"bytes": 1, "sha256": "0"},
+                                                               "/etc/hostname": {"bytes": 1, "sha256": "0"}}))
+    problems = ckpt.verify(step)
+    assert "COMPLETE lists '../../../etc/passwd', which is not a file inside the checkpoint" in problems
+    assert "COMPLETE lists '/etc/hostname', which is not a file inside the checkpoint" in problems
+    _old_marker(step)
+    _edit_json(step / "trainer_state.json", lambda st: st.update(world_size=100_000))
+    assert len(ckpt.verify(step)) > 100_000  # every rank's RNG files are missing
+    warnings: list[str] = []
+    assert ckpt.select_resume(run, CheckpointConfig(resume="auto"), warnings.append) == _step(run, 2)
+    assert warnings[0].count("is missing") <= 5 and "more" in warnings[0] and len(warnings[0]) < 2000
+
+
 def test_an_old_checkpoint_without_hashes_still_verifies(run):
     _old_marker(_step(run, 3))
     assert ckpt.verify(_step(run, 3)) == []
