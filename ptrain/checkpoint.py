@@ -226,7 +226,8 @@ def _sha256(path: Path) -> str:
 
 
 def _manifest(out: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {bytes, sha256}} of every file of ``out`` but COMPLETE; a collective (each rank hashes a share)."""
+    """{relative path: {bytes, sha256}} of every file of ``out`` but COMPLETE; a collective (each rank hashes a
+    share)."""
     names = None
     if du.rank() == 0:
         names = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and f.name != COMPLETE)
@@ -392,7 +393,8 @@ def _pickle_problem(path: Path, rel: str) -> str | None:
     except (OSError, zipfile.BadZipFile, ValueError, RuntimeError, EOFError) as e:
         return f"{rel} is not a readable torch checkpoint, truncated or damaged ({str(e).splitlines()[0][:120]})"
     except Exception as e:  # noqa: BLE001 - the static pickle scan meeting garbage opcodes
-        return f"{rel}: its pickle does not parse ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        first = str(e).splitlines()[0][:120] if str(e) else ""
+        return f"{rel}: its pickle does not parse ({type(e).__name__}: {first})"
     bad = sorted(set(unsafe) - set(DEEPSPEED_PICKLE_GLOBALS))
     if bad:
         return (f"{rel} refers to {', '.join(bad[:4])} in its pickle, which a checkpoint of tensors never needs "

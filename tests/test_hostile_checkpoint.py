@@ -183,7 +183,8 @@ def test_every_checkpoint_damaged_is_an_error_or_a_fresh_start_only_when_asked(r
     assert all(f"step_0000000{n}: consolidated/weights.safetensors" in text for n in (1, 2, 3))
     assert all(_step(run, n).is_dir() for n in (1, 2, 3))  # an error moves nothing
     warnings: list[str] = []
-    assert ckpt.select_resume(run, CheckpointConfig(resume="auto", if_all_damaged="start_over"), warnings.append) is None
+    start_over = CheckpointConfig(resume="auto", if_all_damaged="start_over")
+    assert ckpt.select_resume(run, start_over, warnings.append) is None
     assert "starting over from step 0" in warnings[0]
     assert sorted(p.name for p in (run / "checkpoints" / "damaged").iterdir()) == [f"step_0000000{n}" for n in (1, 2, 3)]
 

@@ -230,7 +230,8 @@ def test_a_run_directory_that_fills_up_mid_run_then_a_rerun_completes(data, tmp_
 
 
 def test_frame_size_that_is_not_a_multiple_of_the_patch(data, capsys):
-    for clip, size, want in (("tiny", 33, "multiple of 4"), ("ViT-B/32", 225, "multiple of 32; got 225 (e.g. 224 or 256")):
+    for clip, size, want in (("tiny", 33, "multiple of 4"),
+                             ("ViT-B/32", 225, "multiple of 32; got 225 (e.g. 224 or 256")):
         assert main(["pretrain", f"data.sources=[{data['shards']}]", f"model.clip={clip}",
                      f"model.frame_size={size}"]) == 2
         err = capsys.readouterr().err

@@ -226,8 +226,8 @@ class TrainStream(IterableDataset):
             else:
                 raise DataUnreadable(
                     f"data.sources: global sample {index} and {self.cfg.max_substitutes} substitutes in a row were "
-                    f"unreadable (in shards such as {self.shards[sid].path}; {dict(stats)}): the shards' JSON or JPEGs are "
-                    "damaged throughout; re-shard them or point data.sources at readable shards"
+                    f"unreadable (in shards such as {self.shards[sid].path}; {dict(stats)}): the shards' JSON or "
+                    "JPEGs are damaged throughout; re-shard them or point data.sources at readable shards"
                 )
         out = batch.finish()
         out["step"], out["micro_step"] = m // self.accum, m % self.accum
