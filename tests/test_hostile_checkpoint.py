@@ -274,52 +274,45 @@ def test_deepspeed_files_load_through_the_restricted_loader(run, tmp_path):
     assert not victim.exists()
 
 
-@pytest.fixture
-def world_of_one():
-    import torch.distributed as dist
+_ENGINE_LOAD = r"""
+import os, sys, warnings
+import torch
+from safetensors.torch import load_file
+from ptrain import distributed as du
+from ptrain.configs import EngineConfig, OptimConfig
+from ptrain.engine import Engine
+from ptrain.model import ModelConfig, build_model
+from ptrain.optim import build_optimizer
 
-    from net import free_port
-    from ptrain import distributed as du
+step, evil_step = sys.argv[1], sys.argv[2]
+du.init(120)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    model = build_model(ModelConfig(clip="tiny", head="seqTransf", num_frames=3, frame_size=32, max_words=8,
+                                    cross_layers=1))
+engine = Engine(model, build_optimizer(model, OptimConfig()), EngineConfig(zero_stage=1, precision="fp32",
+                                                                           micro_batch_size=2))
+engine.load(step, "deepspeed")
+full = load_file(os.path.join(step, "consolidated", "weights.safetensors"))
+print("equal", all(torch.equal(p.detach(), full[n]) for n, p in engine.module.named_parameters()))
+try:
+    engine.load(evil_step, "deepspeed")
+    print("loaded the tampered checkpoint")
+except ValueError as e:
+    print("refused", e)
+"""
 
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
-                                            "MASTER_PORT", "DS_ACCELERATOR")}
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
-    du.init()
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
-
-def test_engine_load_reads_deepspeed_files_without_running_code(run, tmp_path, world_of_one):
+def test_engine_load_reads_deepspeed_files_without_running_code(run, tmp_path):
     """Even with verification bypassed, DeepSpeed's own load_checkpoint gets its files through the restricted
-    loader: a real checkpoint loads (the weights equal the consolidated ones), a tampered one is refused unrun."""
-    import warnings
-
-    from safetensors.torch import load_file
-
-    from ptrain.configs import EngineConfig, OptimConfig
-    from ptrain.engine import Engine
-    from ptrain.model import ModelConfig, build_model
-    from ptrain.optim import build_optimizer
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = build_model(ModelConfig(clip="tiny", head="seqTransf", num_frames=3, frame_size=32, max_words=8,
-                                        cross_layers=1))
-    engine = Engine(model, build_optimizer(model, OptimConfig()), EngineConfig(zero_stage=1, precision="fp32",
-                                                                               micro_batch_size=2))
-    engine.load(str(_step(run, 3)), "deepspeed")
-    full = load_file(str(_step(run, 3) / "consolidated/weights.safetensors"))
-    for name, p in engine.module.named_parameters():
-        assert torch.equal(p.detach(), full[name]), name
+    loader: a real checkpoint loads (the weights equal the consolidated ones), a tampered one is refused unrun.
+    (A process of its own: DeepSpeed caches process groups across engines of one process.)"""
+    evil = Path(shutil.copytree(_step(run, 3), tmp_path / "evil"))
     victim = tmp_path / "PWNED"
-    _evil_pickle(_step(run, 3) / MODEL_PT, victim)
-    with pytest.raises(ValueError, match="mp_rank_00_model_states.pt: refused"):
-        engine.load(str(_step(run, 3)), "deepspeed")
+    _evil_pickle(evil / MODEL_PT, victim)
+    proc = subprocess.run([sys.executable, "-c", _ENGINE_LOAD, str(_step(run, 3)), str(evil)], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "equal True" in proc.stdout
+    assert f"refused {evil / MODEL_PT}: refused to unpickle it" in proc.stdout and "posix.system" in proc.stdout
     assert not victim.exists()
