@@ -21,6 +21,21 @@ from ptrain.config import Problems, opt, section
 from ptrain.data.config import DataConfig
 from ptrain.model.config import ModelConfig
 
+# A batch whose uint8 frames alone exceed this can never run: its float copy is 4x that, beyond any accelerator or
+# host of today, so such a batch size is a typo; refused before anything is allocated.
+MAX_BATCH_FRAME_BYTES = 64 << 30
+
+
+def batch_problem(key: str, batch: int, num_frames: int, frame_size: int) -> str | None:
+    """A sentence when ``batch`` clips of ``num_frames`` x ``frame_size``^2 RGB uint8 frames exceed the bound."""
+    clip = num_frames * 3 * frame_size * frame_size
+    if batch * clip <= MAX_BATCH_FRAME_BYTES:
+        return None
+    return (f"{key}={batch} clips of {num_frames} frames at {frame_size} px is {batch * clip / 2**30:.0f} GiB of uint8 "
+            f"frames per batch (their float copy 4x that); at most {MAX_BATCH_FRAME_BYTES // clip} fit the "
+            f"{MAX_BATCH_FRAME_BYTES >> 30} GiB bound. Use a realistic size (CLIP4Clip: 8-128 per device) and "
+            "engine.grad_accum for a larger global batch")
+
 
 @dataclass
 class OptimConfig:
@@ -108,6 +123,10 @@ class CheckpointConfig:
     )
     consolidated_optimizer: bool = opt(
         True, "also save full (unpartitioned) fp32 weights + Adam moments, so a run can resume on a different world size"
+    )
+    if_all_damaged: Literal["error", "start_over"] = opt(
+        "error", "resume=auto when every COMPLETE checkpoint fails verification: error (exit 2, each problem named) "
+        "or start_over (step 0; the damaged ones are moved to checkpoints/damaged/)"
     )
 
     def __post_init__(self):
@@ -202,6 +221,10 @@ class PretrainConfig:
         p.check(not (self.eval.every_steps and not self.data.eval_sources), "eval.every_steps",
                 "eval.every_steps is set but data.eval_sources is empty; give held-out shards or set eval.every_steps=0",
                 also=("data.eval_sources",))
+        for key, batch in (("engine.micro_batch_size", self.engine.micro_batch_size),
+                           ("eval.batch_size", self.eval.batch_size)):
+            why = batch_problem(key, batch, self.model.num_frames, self.model.frame_size)
+            p.check(why is None, key, why or "", also=("model.num_frames", "model.frame_size"))
         p.raise_any()
 
 

@@ -17,6 +17,8 @@ and ZeRO stage (:meth:`Engine.load_full_state`): that is how a checkpoint saved 
 
 from __future__ import annotations
 
+import importlib
+import pickle
 from typing import Any
 
 import deepspeed
@@ -30,6 +32,7 @@ from deepspeed.utils import (
 from torch import nn
 
 from ptrain import distributed as du
+from ptrain.checkpoint import DEEPSPEED_PICKLE_GLOBALS
 from ptrain.configs import EngineConfig
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -132,7 +135,7 @@ class Engine:
 
     def clamp_(self, p: torch.Tensor, max_value: float) -> None:
         """Clamp parameter ``p`` of the module to ``max_value`` in the optimizer's fp32 master (and the module copy);
-        a collective under ZeRO, no host synchronisation."""
+        a collective under ZeRO."""
         _clamp_parameter_(p, max_value)
 
     def gather_full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -152,13 +155,44 @@ class Engine:
         self.ds.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, directory: str, tag: str) -> dict[str, Any]:
-        """Load DeepSpeed's own checkpoint (same world size and ZeRO stage); returns the client state."""
-        path, client = self.ds.load_checkpoint(
-            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
-        )
+        """Load DeepSpeed's own checkpoint (same world size and ZeRO stage); returns the client state. Every file
+        is read by :func:`load_deepspeed_file` (no code runs); ValueError names a refused file."""
+        engine = self.ds.checkpoint_engine
+        own_load = engine.load
+        # why: DeepSpeed's TorchCheckpointEngine unpickles with weights_only=False; all its reads go through .load
+        engine.load = load_deepspeed_file
+        try:
+            path, client = self.ds.load_checkpoint(
+                directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+            )
+        finally:
+            engine.load = own_load
         if path is None:
             raise FileNotFoundError(f"{directory}/{tag}: DeepSpeed found no checkpoint to load")
         return client or {}
+
+
+def _deepspeed_pickle_classes() -> list[type]:
+    classes = []
+    for name in DEEPSPEED_PICKLE_GLOBALS:
+        module, attr = name.rsplit(".", 1)
+        classes.append(getattr(importlib.import_module(module), attr))
+    return classes
+
+
+def load_deepspeed_file(path: str, map_location=None) -> Any:
+    """One of DeepSpeed's checkpoint files, unpickled with ``weights_only=True``: tensors, plain containers and the
+    DeepSpeed classes of ``ptrain.checkpoint.DEEPSPEED_PICKLE_GLOBALS`` only; anything else (a pickle that would
+    call a function) is refused with a ValueError naming the file, before it is constructed."""
+    with torch.serialization.safe_globals(_deepspeed_pickle_classes()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                        str(e).splitlines()[0] if str(e) else "")
+            raise ValueError(f"{path}: refused to unpickle it: it holds more than tensors and plain containers "
+                             f"({what[:200]}); a checkpoint written by ptrain never does, so it was altered: "
+                             "resume from another checkpoint") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +201,7 @@ class Engine:
 
 def _clamp_parameter_(p: torch.Tensor, max_value: float) -> None:
     """Clamp parameter ``p`` (of the engine's module) to ``max_value`` in the optimizer's fp32 master (and the
-    module copy), without reading it on the host.
+    module copy); under ZeRO the gathered value is read on the host (one scalar per optimizer step).
 
     A collective under ZeRO (every rank must call it). Used after each step for the log-temperature, as
     CLIP4Clip clamps it: a clamp inside the forward alone has zero gradient above the bound, so once an
@@ -176,7 +210,9 @@ def _clamp_parameter_(p: torch.Tensor, max_value: float) -> None:
         return
     if _zero_managed(p):
         full = safe_get_full_fp32_param(p)
-        if full is None:
+        # why the host read: ZeRO-3 cannot write a 1-element parameter back on a rank that holds none of it
+        # (DeepSpeed's set_full_hp_param fails there), so it is written only when it really crossed the bound
+        if full is None or float(full.max()) <= max_value:
             return
         safe_set_full_fp32_param(p, full.clamp(max=max_value))
         if p.numel() == full.numel():  # ZeRO-1/2: the module holds the whole (low-precision) copy

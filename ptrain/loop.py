@@ -11,6 +11,7 @@ and before anything is saved (a step with a non-finite loss or gradient never re
 
 from __future__ import annotations
 
+import errno
 import math
 import time
 from dataclasses import dataclass
@@ -20,9 +21,13 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ptrain import distributed as du
+from ptrain.checkpoint import CheckpointWriteError
+from ptrain.data.seekable import DataUnreadable
 from ptrain.optim import lr_multiplier, set_lr
 
-EXIT_NONFINITE, EXIT_OOM, EXIT_LOST_RANK, EXIT_ERROR = 3, 4, 5, 1
+EXIT_NONFINITE, EXIT_OOM, EXIT_LOST_RANK, EXIT_ERROR, EXIT_BAD_INPUT = 3, 4, 5, 1, 2
+# Writes that fail because of the file system (full, read-only, over quota), not because of the program.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 # A rank that lost its peers waits this long before exiting. The deepspeed launcher polls its ranks once a
 # second and reports the first failed exit it sees; the wait lets it see the dead rank's own status (a
 # signal, e.g. SIGKILL from the OOM killer) rather than this rank's "lost peers", which is only the echo.
@@ -36,7 +41,7 @@ _LOST_PEER = ("connection closed by peer", "connection reset", "broken pipe", "t
 
 
 class TrainingFailed(RuntimeError):
-    """A failure with its exit status (3 non-finite, 4 out of memory, 5 lost a rank, 1 other)."""
+    """A failure with its exit status (2 bad input, 3 non-finite, 4 out of memory, 5 lost a rank, 1 other)."""
 
     def __init__(self, message: str, code: int):
         super().__init__(message)
@@ -77,6 +82,14 @@ def peak_flops(peak_tflops: float, precision: str) -> float | None:
 def is_lost_peer(e: BaseException) -> bool:
     text = str(e).lower()
     return any(s in text for s in _LOST_PEER)
+
+
+def _message(e: BaseException) -> str:
+    """An exception's own sentence, also when a DataLoader worker re-raised it with the worker's traceback."""
+    text = str(e).strip()
+    if "Original Traceback" in text:  # "...\nptrain.data.seekable.DataUnreadable: <the sentence>"
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def train_step(engine, loss_fn, batches: Iterator[dict], step: int, accum: int, dev: torch.device) -> dict[str, Any]:
@@ -122,6 +135,8 @@ def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Pos
             result = train_step(engine, loss_fn, batches, step, cadence.grad_accum, dev)
             # The temperature's master weight is clamped after the update, as CLIP4Clip does (a collective).
             engine.clamp_(log_scale, max_log_scale)
+        except DataUnreadable as e:
+            raise TrainingFailed(_message(e), EXIT_BAD_INPUT) from None
         except torch.OutOfMemoryError as e:
             raise TrainingFailed(
                 f"out of memory at step {step + 1} (micro batch {loader.micro_batch_size}, grad_accum "
@@ -161,7 +176,12 @@ def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Pos
                 window = _Window(dev)
         # evaluate before saving: what the evaluation decides (a fine-tune's best-so-far) travels in the checkpoint
         if evaluate is not None and cadence.eval_every and (done % cadence.eval_every == 0 or last):
-            log.metrics(done, evaluate(done), prefix="eval")
+            try:
+                scores = evaluate(done)
+            except ValueError as e:  # the held-out shards cannot be evaluated (all unreadable, ...)
+                raise TrainingFailed(f"evaluation at step {done} failed: {e}; fix data.eval_sources or set "
+                                     "eval.every_steps=0", EXIT_BAD_INPUT) from None
+            log.metrics(done, scores, prefix="eval")
             window.restart_clock()
         if saving:
             log.info(f"checkpoint {save(pos)}")
@@ -226,15 +246,30 @@ class _Window:
                 "stats": {k: v / world for k, v in zip(names, values[3:])}}
 
 
+def failure(e: BaseException) -> TrainingFailed | None:
+    """What a recipe reports for an exception out of :func:`fit`: TrainingFailed as it is; a lost peer (5); a write
+    the file system refused (a full or read-only run_dir: 2); None for anything else (a bug: let it raise)."""
+    if isinstance(e, TrainingFailed):
+        return e
+    if isinstance(e, CheckpointWriteError):  # its message names the checkpoint and the fix
+        return TrainingFailed(str(e), EXIT_BAD_INPUT)
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:  # e.g. metrics.jsonl on a full disk
+        return TrainingFailed(f"{e}: free space in run_dir or point run_dir elsewhere", EXIT_BAD_INPUT)
+    if isinstance(e, RuntimeError) and is_lost_peer(e):
+        return TrainingFailed(f"lost a rank: {str(e).splitlines()[0]}", EXIT_LOST_RANK)
+    return None
+
+
 def report_failure(e: BaseException, run_dir: str | Path, latest: Path | None) -> int:
-    """Print what failed and how to go on; returns the exit status (after the lost-peer delay)."""
+    """Print what failed and how to go on (one line); returns the exit status (after the lost-peer delay)."""
     import sys
 
-    if not isinstance(e, TrainingFailed):
-        e = TrainingFailed(f"lost a rank: {str(e).splitlines()[0]}", EXIT_LOST_RANK)
-    where = f"resume from {latest} by re-running the same command" if latest else \
-        "no complete checkpoint yet: a re-run starts over"
-    print(f"ptrain: rank {du.rank()}: {e}\n  {where} (checkpoint.resume=auto).", file=sys.stderr, flush=True)
+    e = failure(e) or TrainingFailed(f"lost a rank: {str(e).splitlines()[0]}", EXIT_LOST_RANK)
+    if latest:
+        where = f"{'fix that, then ' if e.code == EXIT_BAD_INPUT else ''}re-run the same command to resume from {latest}"
+    else:
+        where = "no intact checkpoint yet: a re-run starts over"
+    print(f"ptrain: rank {du.rank()}: {e}; {where} (checkpoint.resume=auto).", file=sys.stderr, flush=True)
     if e.code == EXIT_LOST_RANK:
         time.sleep(LOST_PEER_EXIT_DELAY_S)
     return e.code

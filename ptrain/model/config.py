@@ -27,6 +27,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 HEADS = HEAD_NAMES
 NAMED_SIZES = ("tiny", "ViT-B/32", "ViT-B/16", "ViT-L/14")
+# The frame side of a named backbone must split into whole patches (ptrain/model/clip.py: tiny cuts a 4x4 grid)
+NAMED_PATCH = {"tiny": 4, "ViT-B/32": 32, "ViT-B/16": 16, "ViT-L/14": 14}
 
 
 @dataclass
@@ -76,6 +78,14 @@ class ModelConfig:
         p.check(self.max_words <= 77, "max_words",
                 f"max_words is {self.max_words} but CLIP's text position table has 77 rows; use at most 77")
         p.check(self.frame_size >= 8, "frame_size", f"frame_size must be at least 8 pixels, got {self.frame_size}")
+        patch = NAMED_PATCH.get(self.clip)
+        if patch and self.frame_size >= 8:
+            what = "splits frames into a 4x4 grid of patches" if self.clip == "tiny" else f"has {patch}-pixel patches"
+            fits = [self.frame_size - self.frame_size % patch, self.frame_size - self.frame_size % patch + patch]
+            p.check(self.frame_size % patch == 0, "frame_size",
+                    f"clip={self.clip} {what}, so frame_size must be a multiple of {patch}; got {self.frame_size} "
+                    f"(e.g. {' or '.join(str(f) for f in fits if f >= 8)}; shard with the same frame_size)",
+                    also=("clip",))
         p.check(self.cross_layers >= 1, "cross_layers", f"cross_layers must be at least 1, got {self.cross_layers}")
         spec = head_spec(self.head)
         if spec.alignment:
@@ -99,6 +109,34 @@ class ModelConfig:
                 f"logit_scale_init must be >= 0 (0 = default), got {self.logit_scale_init}")
         p.check(self.max_logit_scale > 0, "max_logit_scale", f"max_logit_scale must be > 0, got {self.max_logit_scale}")
         p.raise_any()
+
+
+def backbone_problem(cfg: ModelConfig) -> str | None:
+    """What can be told about ``cfg.clip`` without building it (no torch): a path that does not exist, or a local
+    Hugging Face CLIP directory whose image size is not ``frame_size``. None when nothing is wrong (or a hub id)."""
+    import json
+    import os
+
+    name = cfg.clip
+    if name in NAMED_PATCH:
+        return None
+    if name.endswith(".pt") or name.startswith((".", "/", "~")):
+        if not os.path.exists(os.path.expanduser(name)):
+            return (f"model.clip={name!r} does not exist; give an existing OpenAI .pt file or Hugging Face CLIP "
+                    f"directory, or a named size ({', '.join(NAMED_SIZES)})")
+    config = os.path.join(os.path.expanduser(name), "config.json")
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config) as f:
+            vision = json.load(f).get("vision_config") or {}
+        image, patch = int(vision.get("image_size", 224)), int(vision.get("patch_size", 32))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        return f"model.clip={name!r}: {config} is not a readable CLIP config ({e})"
+    if image != cfg.frame_size:
+        return (f"model.clip={name!r} takes {image}x{image} frames ({patch}-pixel patches) but model.frame_size="
+                f"{cfg.frame_size}; set model.frame_size={image} (and shard with the same frame size)")
+    return None
 
 
 @dataclass
