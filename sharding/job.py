@@ -215,6 +215,8 @@ def _start_ray(cfg, lock_fd: int):
     """``(ray, local head or None, connected here)``: joins ``ray.address``, or starts a local Ray that dies with
     this driver; a Ray this process is already connected to is used as it is (and left connected)."""
     if not cfg.ray.address:
+        # Ray's single-machine mode: a local Ray keeps its 127.0.0.1 address, so it listens on loopback only
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if "ray" not in sys.modules:
             # Ray reads its authentication mode from the environment once, when it is imported: the local head
             # and this driver must agree, so decide it before the import (token authentication, Ray's default)

@@ -88,7 +88,10 @@ def _keeper(argv: list[str]) -> int:
     cmd = [ray_bin, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
            "--include-dashboard", "false", "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
            *[f"--{k}={v}" for k, v in ports.items()], *argv]
-    env = dict(os.environ, DASHBOARD_METRIC_PORT=str(_free_port()), AUTOSCALER_METRIC_PORT=str(_free_port()))
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray's single-machine mode, where it keeps the 127.0.0.1 node address
+    # instead of swapping in the machine's routable one, so its servers listen on loopback only
+    env = dict(os.environ, DASHBOARD_METRIC_PORT=str(_free_port()), AUTOSCALER_METRIC_PORT=str(_free_port()),
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     started = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=env)
     if started.returncode != 0:
