@@ -45,7 +45,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def estimate(cfg, stored) -> dict:
     from sharding.decode.video import ExtractError
-    from sharding.decode.worker import DecodeWorker
+    from sharding.decode.worker import DecodeWorker, decode_planned
 
     groups = stored.groups
     k = min(cfg.dry_run_videos, len(groups))
@@ -64,10 +64,10 @@ def estimate(cfg, stored) -> dict:
             try:
                 worker.ensure_started(path)
                 t0 = _cpu_seconds(worker.pid)
-                info, per_clip = worker.run(
-                    path, [(c.start, c.end, c.targets) for c in clips], timeout=cfg.video_timeout_s,
-                    frame_size=cfg.frame_size, center_crop=cfg.center_crop, jpeg_quality=cfg.jpeg_quality,
-                    threads=cfg.decoder_threads, decoder=cfg.decoder, end_tolerance=cfg.plan.end_tolerance_seconds)
+                info, clips, per_clip = decode_planned(
+                    worker, path, clips, timeout=cfg.video_timeout_s, frame_size=cfg.frame_size,
+                    center_crop=cfg.center_crop, jpeg_quality=cfg.jpeg_quality, threads=cfg.decoder_threads,
+                    decoder=cfg.decoder, end_tolerance=cfg.plan.end_tolerance_seconds)
                 cpu += _cpu_seconds(worker.pid) - t0
             except ExtractError as e:
                 failures.append(f"{vid}: {e.cls}")
