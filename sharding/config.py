@@ -17,7 +17,8 @@ from sharding.sources import SOURCES
 
 @dataclass
 class PlanConfig:
-    """How timestamped ASR segments become clips and clips become frame timestamps."""
+    """How timestamped ASR segments become clips, and clips (or a benchmark's videos, whole or their span) frame
+    timestamps: num_frames, sampling, fps and slice apply to both."""
 
     min_seconds: float = opt(5.0, "grow a clip by merging neighbouring segments until it lasts this long (UniVL: 5 s)")
     min_words: int = opt(4, "... and until it has at least this many words")

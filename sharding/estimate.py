@@ -13,7 +13,8 @@ is encoded as its shard sample and sized as a tar member would be (a 512-byte he
                    + per shard: the end-of-archive blocks, half a tar record of padding, its sidecar
     core_hours   = decode CPU seconds per clip * planned clips / 3600
 
-Clips of timed ASR tile their video, so the cost per clip stands for the cost per second of video. The decode cost
+Clips of timed ASR tile their video, so the cost per clip stands for the cost per second of video (a benchmark
+sample is a whole video or its span: the cost per sample is the cost per video). The decode cost
 of a video dominates (writing a shard is a copy); videos that fail to decode are counted as failures of the sample,
 not in the averages. The estimate is as good as the sample is typical: raise ``dry_run_videos`` for a tighter one.
 """

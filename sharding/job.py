@@ -1,6 +1,7 @@
 """`ptrain shard`: Ray orchestration of plan -> decode -> shard writing. The only module that imports ray.
 
     ptrain shard videos=DIR|LIST captions=caption.json out=SHARDS [video_list=HowTo100M_v1.csv] [dry_run=true] ...
+    ptrain shard configs/shard/msvd.yaml annotations=DIR videos=DIR split=test out=SHARDS     # a benchmark split
     ray job submit --address http://127.0.0.1:8265 -- ptrain shard ... ray.address=auto
 
 1. The driver plans, streaming: the source yields one video at a time, its clips are packed into shard groups, and
