@@ -171,8 +171,8 @@ def _build(cfg, source, index, plans: Path, tmp: Path, key: str, inputs: dict) -
                 continue
             rows = plan_record(record, cfg.plan)
             if not rows:
-                record_error(_error(vid, "no_clips", f"{vid}: no caption" if record.captions or record.span
-                                    else f"{vid}: no caption segment with text"))
+                record_error(_error(vid, "no_clips", f"{vid}: no caption segment with text"
+                                    if cfg.source == "howto100m" else f"{vid}: no caption"))
                 continue
             # a benchmark's files are named by its file id (ActivityNet without the v_, DiDeMo without the
             # extension), but some copies keep the id as the annotations spell it: either one is found

@@ -24,7 +24,7 @@ from sharding.decode.video import ExtractError
 from sharding.decode.worker import DecodeWorker, decode_planned
 from sharding.job import run as shard_run
 from sharding.plan import clip_frame_times, index_videos, place_clip, plan_record, planned_clip
-from sharding.sources import Segment, VideoRecord, open_source
+from sharding.sources import Segment, VideoRecord
 
 FAST = ["frame_size=32", "progress=false", "ray.num_cpus=2", "max_samples_per_shard=2", "shards_per_task=2"]
 RATE = 10  # frames per second of the generated videos
