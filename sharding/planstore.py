@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ptrain.data.format import sanitize_id
-from sharding.plan import VideoIndex, pack_groups, plan_record
+from sharding.plan import VIDEO_EXTENSIONS, VideoIndex, pack_groups, plan_record, planned_frames
 from sharding.sources import CaptionError, file_facts
 from sharding.write import write_atomic
 
@@ -154,6 +154,7 @@ def _build(cfg, source, index, plans: Path, tmp: Path, key: str, inputs: dict) -
     key_owner: dict[str, str] = {}  # key stem -> video id, only for stems that two ids could share
     paths: dict[str, str] = {}  # video id -> file, for the videos of the group being filled
     where = cfg.captions or cfg.annotations
+    extensions = "|".join(e[1:] for e in VIDEO_EXTENSIONS)
     errors = (tmp / "plan-errors.jsonl").open("w", encoding="utf-8")
 
     def record_error(e: dict) -> None:
@@ -170,11 +171,16 @@ def _build(cfg, source, index, plans: Path, tmp: Path, key: str, inputs: dict) -
                 continue
             rows = plan_record(record, cfg.plan)
             if not rows:
-                record_error(_error(vid, "no_clips", f"{vid}: no caption segment with text"))
+                record_error(_error(vid, "no_clips", f"{vid}: no caption segment with text"
+                                    if cfg.source == "howto100m" else f"{vid}: no caption"))
                 continue
+            # a benchmark's files are named by its file id (ActivityNet without the v_, DiDeMo without the
+            # extension), but some copies keep the id as the annotations spell it: either one is found
+            names = (stem, vid) if stem != vid else (stem,)
+            stem = next((n for n in names if n in index.found), stem)
             path = index.found.get(stem)
             if path is None:
-                record_error(_error(vid, "missing", f"{vid}: no {stem}.<mp4|webm|mkv|avi|mov|m4v> under "
+                record_error(_error(vid, "missing", f"{vid}: no {' or '.join(names)}.<{extensions}> under "
                                                     f"{cfg.videos}", clips=len(rows)))
                 continue
             if stem in index.duplicates:
@@ -200,7 +206,7 @@ def _build(cfg, source, index, plans: Path, tmp: Path, key: str, inputs: dict) -
                     payload = dumps([vid, rows])
                     h.update(payload.encode("utf-8", "surrogatepass"))
                     f.write("[" + dumps(paths.pop(vid)) + "," + payload + "]\n")
-                    frames += sum(len(row[6]) for row in rows)
+                    frames += sum(planned_frames(row) for row in rows)
             groups.append([group.first_shard, group.num_shards, len(group.videos), group.clips, frames])
     phash = h.hexdigest()
     manifest = {
