@@ -279,6 +279,20 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def destroy() -> None:
-    if is_initialized():
+def destroy(timeout_s: float = 60.0) -> None:
+    """Leave the process group together: a barrier first, so no rank tears down its gloo pairs while a
+    peer is still using them (gloo then aborts the peer: "terminate called without an active
+    exception"). A peer that is gone makes the barrier fail after ``timeout_s``; the group is destroyed
+    either way."""
+    if not is_initialized():
+        return
+    try:
+        if world_size() > 1:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+            else:
+                dist.barrier()
+    except RuntimeError:
+        pass
+    finally:
         dist.destroy_process_group()
