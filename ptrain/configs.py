@@ -99,6 +99,10 @@ class EngineConfig:
         p.check(self.reduce_bucket_size >= 1, "reduce_bucket_size",
                 f"reduce_bucket_size must be >= 1, got {self.reduce_bucket_size}")
         p.check(self.dist_timeout_s >= 1, "dist_timeout_s", f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
+        p.check(not (self.compile and self.zero_stage == 3), "compile",
+                "compile=true does not work with zero_stage=3 (DeepSpeed 0.19.8 gathers ZeRO-3 parameters in module "
+                "hooks that break torch.compile's graphs); use zero_stage 1 or 2, or compile=false",
+                also=("zero_stage",))
         p.raise_any()
 
 
