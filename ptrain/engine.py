@@ -231,7 +231,9 @@ def _compile(ds, backend: str) -> tuple[bool, str]:
     if why is not None:
         return False, _fall_back(ds, f"the {backend} backend failed on a probe: {why}")
     try:
-        ds.compile(backend=backend)
+        # static shapes: the micro-batch is always full and the kept-token count changes at most once (the
+        # unmasked tail), so one recompile there beats dynamic-shape kernels for the whole run
+        ds.compile(backend=backend, compile_kwargs={"dynamic": False})
     except Exception as e:  # noqa: BLE001 - e.g. a torch without compile support
         return False, _fall_back(ds, f"DeepSpeed's engine.compile failed: {_first_line(e)}")
     return True, f"engine.compile=true: the model's forward and backward run under torch.compile (backend {backend})"
