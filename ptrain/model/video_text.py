@@ -5,6 +5,7 @@
     model = build_model(ModelConfig(clip="tiny", head="seqTransf", frame_size=32))
     out = model(frames_BTCHW, frame_mask_BT, input_ids_BL, attention_mask_BL)   # features (see forward)
     loss, stats = build_loss(model.cfg)(out, group_ids_B)                         # the step computes the loss
+    out = model(..., token_keep=keep_BTK)   # training with token masking: kept patch positions (ptrain.masking)
 
     text_N = model.encode_text(["a dog runs"])              # or ids [N, L] (+ attention_mask)
     video_M = model.encode_video(frames_BTCHW, frame_mask_BT)
