@@ -29,9 +29,8 @@ a compile failure on the model's first forward falls back the same way. Never si
 
 from __future__ import annotations
 
-from typing import Any
-
 import warnings
+from typing import Any
 
 import deepspeed
 import torch
