@@ -1,7 +1,7 @@
 """Training-step throughput against a plain ``transformers.CLIPModel`` per-frame step: token masking and torch.compile.
 
-    python benchmarks/bench_model.py                          # CPU, ViT-B/32, 2 videos x 12 frames (~25 min on 2 cores)
-    python benchmarks/bench_model.py --compile off            # eager rows only (~5 min)
+    python benchmarks/bench_model.py --threads 1              # CPU, ViT-B/32, 2 videos x 12 frames (~40 min on 2 busy cores)
+    python benchmarks/bench_model.py --compile off            # eager rows only (~8 min)
     python benchmarks/bench_model.py --heads seqTransf,TDB,TAB --compile off    # more heads, unmasked
     python benchmarks/bench_model.py --device cuda --dtype bf16 --batch 32 --sizes ViT-B/32,ViT-B/16
 

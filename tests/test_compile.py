@@ -102,6 +102,32 @@ def test_compiled_step_equals_the_eager_step(world_of_one):
         torch.testing.assert_close(got_w[name], want_w[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_compile_failure_on_the_first_forward_falls_back_to_eager(world_of_one, monkeypatch):
+    """The probe passed but the real model fails to compile: the step warns, runs eagerly, and stays eager."""
+    from ptrain.model import build_model
+
+    monkeypatch.setattr(E, "compile_probe", lambda backend="inductor", device=None: None)  # no real compile here
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = build_model(TINY)
+    engine = E.Engine(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                      EngineConfig(zero_stage=2, precision="fp32", micro_batch_size=2, compile=True))
+    assert engine.compiled and engine.ds.is_compiled
+
+    def broken(*args, **kwargs):
+        raise torch._dynamo.exc.InternalTorchDynamoError("inductor fell over")
+
+    engine.module._compiled_call_impl = broken  # what nn.Module.compile installed, made to fail
+    frames = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)
+    ids = torch.tensor([[49406, 5, 49407, 0, 0, 0, 0, 0]] * 2)
+    inputs = (frames, torch.ones(2, 3, dtype=torch.long), ids, (ids > 0).long())
+    with pytest.warns(RuntimeWarning, match="inductor fell over.*training runs EAGERLY"):
+        out = engine(*inputs)
+    assert not engine.compiled and not engine.ds.is_compiled and "EAGERLY" in engine.compile_note
+    torch.testing.assert_close(out["video"], engine.ds.module(*inputs)["video"])
+
+
 def _env(**extra):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
