@@ -59,6 +59,8 @@ class OptimConfig:
         "-1: train all of CLIP; k >= 0: freeze CLIP's embeddings and pre-norm and its first k layers per tower "
         "(CLIP4Clip semantics: 0 freezes only the embeddings)",
     )
+    unmasked_tail_steps: int = opt(
+        0, "with model.mask_ratio > 0: train the last N steps on every token (FLIP's unmasked tail); 0 = masked to the end")
 
     def __post_init__(self):
         p = Problems()
@@ -73,6 +75,8 @@ class OptimConfig:
         p.check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         p.check(self.freeze_layer_num >= -1, "freeze_layer_num",
                 f"freeze_layer_num must be -1 (train everything) or >= 0, got {self.freeze_layer_num}")
+        p.check(self.unmasked_tail_steps >= 0, "unmasked_tail_steps",
+                f"unmasked_tail_steps must be >= 0, got {self.unmasked_tail_steps}")
         p.raise_any()
 
 
@@ -97,6 +101,9 @@ class EngineConfig:
         0.0, "peak dense TFLOP/s of one device in the compute dtype, for MFU; 0 = detect on known GPUs (CPU: set it)"
     )
     dist_timeout_s: int = opt(1800, "collective timeout in seconds: how long a rank waits for a lost peer before failing")
+    compile: bool = opt(
+        False, "run the model's forward and backward under torch.compile (DeepSpeed's engine.compile); where the "
+        "backend cannot compile (no C compiler, no Triton) training warns and runs eagerly")
 
     def __post_init__(self):
         p = Problems()
@@ -108,6 +115,10 @@ class EngineConfig:
         p.check(self.reduce_bucket_size >= 1, "reduce_bucket_size",
                 f"reduce_bucket_size must be >= 1, got {self.reduce_bucket_size}")
         p.check(self.dist_timeout_s >= 1, "dist_timeout_s", f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
+        p.check(not (self.compile and self.zero_stage == 3), "compile",
+                "compile=true does not work with zero_stage=3 (DeepSpeed 0.19.8 gathers ZeRO-3 parameters in module "
+                "hooks that break torch.compile's graphs); use zero_stage 1 or 2, or compile=false",
+                also=("zero_stage",))
         p.raise_any()
 
 

@@ -4,6 +4,7 @@
     engine = Engine(model, build_optimizer(model, cfg.optim), cfg.engine)   # deepspeed.initialize
     out = engine(frames, mask, ids, attn); engine.backward(loss); engine.step()
     engine.clamp_(model.logit_scale.log_scale, max_log_scale)               # in the fp32 master copy
+    engine.compiled, engine.compile_note                                   # engine.compile=true: the outcome
     weights, moments = engine.gather_full_state()                          # world-size-free state (collective)
     engine.save(directory, tag, client_state) / engine.load(directory, tag)
 
@@ -13,12 +14,24 @@ the process group is ``ptrain.distributed``'s. ZeRO's partitioned fp32 master we
 gathered into full tensors (:meth:`Engine.gather_full_state`) and scattered back into an engine of any world size
 and ZeRO stage (:meth:`Engine.load_full_state`): that is how a checkpoint saved on N ranks resumes on M ranks
 (DeepSpeed's own ZeRO files refuse a different data-parallel size).
+
+``engine.compile=true`` compiles the model's forward (and so its backward, through AOTAutograd) with
+``torch.compile`` the way DeepSpeed 0.19.8 offers it: ``DeepSpeedEngine.compile()`` after ``initialize``, which
+calls ``nn.Module.compile()`` on the wrapped module *in place*. Parameter names, ZeRO's gradient hooks, state dicts,
+checkpoints and exports stay exactly as without compile (``torch.compile(model)`` before ``initialize`` would wrap
+it in an ``OptimizedModule`` and prefix every name with ``_orig_mod.``). Only ``forward`` is compiled; the
+inference API (``encode_video``/``encode_text``, used by evaluation) stays eager. Before compiling, a tiny
+forward + backward is compiled with the same backend: where the toolchain is missing (no C/C++ compiler for
+inductor on CPU, no Triton on a GPU) that probe fails, a ``RuntimeWarning`` says why, and training runs eagerly;
+a compile failure on the model's first forward falls back the same way. Never silently: ``engine.compiled`` and
+``engine.compile_note`` say what happened, and the trainer logs the note.
 """
 
 from __future__ import annotations
 
 import importlib
 import pickle
+import warnings
 from typing import Any
 
 import deepspeed
@@ -103,10 +116,14 @@ class Engine:
     ``engine.module`` is the plain ``nn.Module`` (its parameters may be ZeRO-3 partitions); ``engine.optimizer``
     exposes torch's ``param_groups`` (``ptrain.optim.set_lr`` works on it)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: EngineConfig):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: EngineConfig,
+                 compile_backend: str = "inductor"):
         self.cfg = cfg
         self.config = deepspeed_config(cfg, du.world_size())
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        self.compiled, self.compile_note = False, "engine.compile=false: eager"
+        if cfg.compile:
+            self.compiled, self.compile_note = _compile(self.ds, compile_backend)
 
     @property
     def module(self) -> nn.Module:
@@ -117,7 +134,15 @@ class Engine:
         return self.ds.optimizer
 
     def __call__(self, *args, **kwargs):
-        return self.ds(*args, **kwargs)
+        if not self.compiled:
+            return self.ds(*args, **kwargs)
+        try:
+            return self.ds(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            # why: a compile failure on the real model (the probe passed) must not end the run: go on eagerly
+            self.compiled = False
+            self.compile_note = _fall_back(self.ds, f"compiling the model's forward failed: {_first_line(e)}")
+            return self.ds(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
@@ -193,6 +218,58 @@ def load_deepspeed_file(path: str, map_location=None) -> Any:
             raise ValueError(f"{path}: refused to unpickle it: it holds more than tensors and plain containers "
                              f"({what[:200]}); a checkpoint written by ptrain never does, so it was altered: "
                              "resume from another checkpoint") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:400]
+
+
+def compile_probe(backend: str = "inductor", device: torch.device | None = None) -> str | None:
+    """Compile and run a tiny forward + backward with ``backend`` on ``device``; None if it works, else why not."""
+    dev = device or du.device()
+    try:
+        torch._dynamo.reset()  # why: a cached result of an earlier probe must not hide a changed toolchain
+        net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 1)).to(dev)
+        fn = torch.compile(net, backend=backend)
+        fn(torch.randn(4, 8, device=dev)).sum().backward()
+    except Exception as e:  # noqa: BLE001 - any failure means: this backend cannot compile here
+        return _first_line(e)
+    finally:
+        torch._dynamo.reset()
+    return None
+
+
+def _fall_back(ds, reason: str) -> str:
+    """Undo ``nn.Module.compile`` (eager from now on) and warn; returns the note for the log."""
+    module = ds.module
+    if hasattr(module, "_compiled_call_impl"):
+        module._compiled_call_impl = None
+    if hasattr(ds, "_is_compiled"):
+        ds._is_compiled = False
+    note = (f"engine.compile=true but torch.compile cannot be used here ({reason}); training runs EAGERLY "
+            "(same results, no compile speed-up). Install a C/C++ compiler (inductor on CPU) or Triton (GPU), or "
+            "set engine.compile=false to silence this.")
+    warnings.warn(note, RuntimeWarning, stacklevel=3)
+    return note
+
+
+def _compile(ds, backend: str) -> tuple[bool, str]:
+    """Compile ``ds.module``'s forward in place with DeepSpeed's ``engine.compile``; (compiled?, note)."""
+    why = compile_probe(backend)
+    if why is not None:
+        return False, _fall_back(ds, f"the {backend} backend failed on a probe: {why}")
+    try:
+        # static shapes: the micro-batch is always full and the kept-token count changes at most once (the
+        # unmasked tail), so one recompile there beats dynamic-shape kernels for the whole run
+        ds.compile(backend=backend, compile_kwargs={"dynamic": False})
+    except Exception as e:  # noqa: BLE001 - e.g. a torch without compile support
+        return False, _fall_back(ds, f"DeepSpeed's engine.compile failed: {_first_line(e)}")
+    return True, f"engine.compile=true: the model's forward and backward run under torch.compile (backend {backend})"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The shared training loop: ``train_step`` (one optimizer step) and ``fit`` (schedule, log, checkpoint, eval cadence).
 
     fit(engine, loader, loss_fn, log, cadence, optim_cfg, start=Position(step, samples_seen),
-        save=lambda pos: ..., evaluate=lambda step: {...}, flops_per_sample=..., peak_flops=...)
+        save=lambda pos: ..., evaluate=lambda step: {...}, flops_per_sample=..., peak_flops=...,
+        masker=None)            # ptrain.masking.TokenMasker: the patch tokens each micro-batch keeps
 
 ``ptrain pretrain`` (``ptrain/pretrain.py``) and ``ptrain finetune`` are recipes around it; they build the parts
 and decide what a checkpoint and an evaluation are. The loop never synchronises with the device per micro-batch:
@@ -92,9 +93,11 @@ def _message(e: BaseException) -> str:
     return text
 
 
-def train_step(engine, loss_fn, batches: Iterator[dict], step: int, accum: int, dev: torch.device) -> dict[str, Any]:
+def train_step(engine, loss_fn, batches: Iterator[dict], step: int, accum: int, dev: torch.device,
+               masker: Callable[[dict, int], torch.Tensor | None] | None = None) -> dict[str, Any]:
     """One optimizer step over ``accum`` micro-batches: forward, loss, backward, and DeepSpeed's step (which
-    updates at the accumulation boundary). Returns device tensors (``loss``, ``stats``) and host counters."""
+    updates at the accumulation boundary). Returns device tensors (``loss``, ``stats``) and host counters.
+    ``masker(batch, step)``: the patch tokens each frame keeps (token masking), or None for every token."""
     loss_sum = torch.zeros((), device=dev)
     stats: dict[str, torch.Tensor] = {}
     frames, wait = 0, 0.0
@@ -105,8 +108,10 @@ def train_step(engine, loss_fn, batches: Iterator[dict], step: int, accum: int, 
         if batch["step"] != step:  # the loader's cursor must match ours (resume exactness)
             raise TrainingFailed(f"data cursor at step {batch['step']} but training is at step {step}", EXIT_ERROR)
         frames += int(batch["frame_mask"].sum())  # real frames, not padding (a host tensor: no device sync)
+        keep = masker(batch, step) if masker is not None else None  # drawn from (seed, sample position)
+        extra = {} if keep is None else {"token_keep": keep.to(dev)}
         out = engine(batch["frames"].to(dev), batch["frame_mask"].to(dev), batch["input_ids"].to(dev),
-                     batch["attention_mask"].to(dev))
+                     batch["attention_mask"].to(dev), **extra)
         loss, step_stats = loss_fn(out, batch["group_ids"].to(dev))
         engine.backward(loss)
         engine.step()
@@ -119,8 +124,11 @@ def train_step(engine, loss_fn, batches: Iterator[dict], step: int, accum: int, 
 
 def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Position,
         save: Callable[[Position], Path], evaluate: Callable[[int], dict] | None = None,
-        flops_per_sample: int = 0, peak: float | None = None) -> Position:
-    """Train from ``start`` to ``cadence.max_steps``; returns the final position. Raises TrainingFailed."""
+        flops_per_sample: int | Callable[[int], int] = 0, peak: float | None = None,
+        masker: Callable[[dict, int], torch.Tensor | None] | None = None) -> Position:
+    """Train from ``start`` to ``cadence.max_steps``; returns the final position. Raises TrainingFailed.
+    ``flops_per_sample``: forward FLOPs of one sample, or a function of the step (token masking changes it)."""
+    flops_at = flops_per_sample if callable(flops_per_sample) else (lambda step: flops_per_sample)
     dev, world = du.device(), du.world_size()
     global_batch = loader.global_batch_size
     batches = iter(loader)
@@ -132,7 +140,7 @@ def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Pos
     for step in range(start.step, cadence.max_steps):
         lrs = set_lr(engine.optimizer, lr_multiplier(step, optim_cfg, cadence.max_steps))
         try:
-            result = train_step(engine, loss_fn, batches, step, cadence.grad_accum, dev)
+            result = train_step(engine, loss_fn, batches, step, cadence.grad_accum, dev, masker)
             # The temperature's master weight is clamped after the update, as CLIP4Clip does (a collective).
             engine.clamp_(log_scale, max_log_scale)
         except DataUnreadable as e:
@@ -147,6 +155,7 @@ def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Pos
                 raise
             raise TrainingFailed(f"lost a rank at step {step + 1}: {str(e).splitlines()[0]}", EXIT_LOST_RANK) from None
         window.add(step, result, engine.grad_norm(), count_grad=cadence.precision != "fp16")
+        window.flops += flops_at(step)
         pos = Position(step + 1, pos.samples_seen + global_batch)
         done = pos.step
         log.step_done()
@@ -159,6 +168,7 @@ def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Pos
             if done % cadence.log_every == 0 or last or done == start.step + 1:
                 skipped = sum(v for k, v in loader.stats.items() if k.startswith("samples_") and k != "samples_substituted")
                 sps = summary["steps"] * global_batch / max(summary["elapsed"], 1e-9)
+                window_flops = window.flops / max(summary["steps"], 1)  # mean forward FLOPs/sample of the window
                 log.metrics(done, {
                     # the optimizer's own rates (after a resume too), not recomputed from the config
                     "loss": summary["loss"], "lr_new": lrs.get("new_decay", lrs.get("new_no_decay")),
@@ -167,7 +177,7 @@ def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Pos
                     "frames_per_s": summary["frames"] / max(summary["elapsed"], 1e-9),
                     "data_wait": summary["wait"] / max(summary["elapsed"], 1e-9), "samples_seen": pos.samples_seen,
                     "epoch": loader.epoch_at(done), **summary["stats"],
-                    "mfu": sps / world * 3 * flops_per_sample / peak if peak else None,
+                    "mfu": sps / world * 3 * window_flops / peak if peak else None,
                     "samples_skipped": skipped, "shards_damaged": loader.stats.get("shards_damaged", 0),
                 })
                 if skipped > reported_skips:
@@ -200,6 +210,7 @@ class _Window:
         self.stats: dict[str, torch.Tensor] = {}
         self.grad_norm: torch.Tensor | None = None
         self.steps, self.frames, self.wait = 0, 0, 0.0
+        self.flops = 0  # sum over the window's steps of the forward FLOPs per sample
         self.t = time.perf_counter()
 
     def restart_clock(self) -> None:

@@ -72,6 +72,7 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, Position], None] |
     from ptrain.data import build_train_loader
     from ptrain.engine import Engine, describe
     from ptrain.loss import build_loss
+    from ptrain.masking import build_token_masker
     from ptrain.model import build_model
     from ptrain.model.freeze import freeze_clip_layers
     from ptrain.optim import apply_group_hparams, build_optimizer
@@ -107,6 +108,8 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, Position], None] |
     log.info(describe(engine.config, world, n_params, n_train, cfg.model.grad_checkpointing,
                       local_negatives=model.spec.tight))
     log.info("deepspeed config: " + json.dumps(engine.config, sort_keys=True))
+    if cfg.engine.compile:
+        log.info(engine.compile_note)
     if frozen:
         log.info(f"frozen (optim.freeze_layer_num={cfg.optim.freeze_layer_num}): {len(frozen)} CLIP tensors")
 
@@ -158,10 +161,20 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, Position], None] |
                       cfg.engine.grad_accum, cfg.engine.precision, cfg.model.max_logit_scale)
     # a tight head scores every sample against the whole local batch: count those cross-encoder pairs
     pairs = cfg.engine.micro_batch_size if model.spec.tight else 1
+    # token masking: kept patches drawn from (seed, sample position), so a resume draws the same masks
+    masker = build_token_masker(cfg.model, model.num_patches, seed=cfg.seed, max_steps=cfg.max_steps,
+                                unmasked_tail_steps=cfg.optim.unmasked_tail_steps)
+    flops = {r: model.flops_per_sample(tight_pairs=pairs, mask_ratio=r) for r in {0.0, cfg.model.mask_ratio}}
+    if masker is not None:
+        log.info(f"token masking: ratio {masker.ratio} ({masker.mode}), {masker.kept} of {masker.patches} patch "
+                 f"tokens per frame kept (+ the class token)" + (
+                     f"; steps {masker.unmasked_from + 1}-{cfg.max_steps} train on every token "
+                     f"(optim.unmasked_tail_steps={cfg.optim.unmasked_tail_steps})" if masker.unmasked_from is not None
+                     else ""))
     try:
         fit(engine, loader, build_loss(cfg.model), log, cadence, cfg.optim, start=start, save=save,
-            evaluate=evaluate, flops_per_sample=model.flops_per_sample(tight_pairs=pairs),
-            peak=peak_flops(cfg.engine.peak_tflops, cfg.engine.precision))
+            evaluate=evaluate, peak=peak_flops(cfg.engine.peak_tflops, cfg.engine.precision), masker=masker,
+            flops_per_sample=lambda step: flops[masker.ratio_at(step) if masker is not None else 0.0])
         if loader.format_versions().get(1):
             log.info(f"read {loader.format_versions()[1]} sample(s) of shard format 1 (written by an older `ptrain "
                      "shard`; their ASR segments are read as `segments`)")

@@ -69,6 +69,11 @@ class ModelConfig:
     logit_scale_init: float = opt(0.0, "initial logit scale (the multiplier, not its log); 0 = from the checkpoint, or 1/0.07 at random init")
     max_logit_scale: float = opt(100.0, "the logit scale is clamped to at most this, inside forward and after each training step")
     grad_checkpointing: bool = opt(False, "recompute CLIP encoder layers in backward to save activation memory")
+    mask_ratio: float = opt(
+        0.0, "training only: drop this fraction of each frame's patch tokens before CLIP's vision transformer "
+        "(FLIP/UMT-style; the class token is always kept; evaluation and exports use every token); 0 = off")
+    mask_mode: Literal["frame", "tube"] = opt(
+        "frame", "mask_ratio > 0: draw the kept patches per frame, or one set per clip shared by its frames (tube)")
     tokenizer: str = opt("", "tokenizer vocabulary: '' = the CLIP BPE file shipped in ptrain/model/, or a HF tokenizer dir")
 
     def __post_init__(self):
@@ -108,7 +113,17 @@ class ModelConfig:
         p.check(self.logit_scale_init >= 0, "logit_scale_init",
                 f"logit_scale_init must be >= 0 (0 = default), got {self.logit_scale_init}")
         p.check(self.max_logit_scale > 0, "max_logit_scale", f"max_logit_scale must be > 0, got {self.max_logit_scale}")
+        p.check(0.0 <= self.mask_ratio < 1.0, "mask_ratio",
+                f"mask_ratio must lie in [0, 1) (the fraction of patch tokens dropped in training), got {self.mask_ratio}")
         p.raise_any()
+
+    def kept_patches(self, patches: int, mask_ratio: float | None = None) -> int:
+        """Patch tokens per frame that training keeps out of ``patches`` at ``mask_ratio`` (None = this config's):
+        ``floor(patches * (1 - ratio))``, at least 1 (FLIP's count; the class token comes on top)."""
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"mask ratio must lie in [0, 1), got {ratio}")
+        return max(1, int(patches * (1.0 - ratio) + 1e-9))
 
 
 def backbone_problem(cfg: ModelConfig) -> str | None:
