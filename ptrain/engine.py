@@ -109,6 +109,24 @@ def describe(ds: dict[str, Any], world_size: int, n_params: int, n_trainable: in
     )
 
 
+def _skip_cpu_shm_op() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce (``deepspeed_shm_comm``).
+
+    On the CPU accelerator, ``deepspeed.initialize`` JIT-compiles that op under a lock file in the torch extensions
+    cache and maps a ~66 MB ``/dev/shm/deepspeed_allreduce_buffer_*`` segment per rank that is never unlinked. Both
+    bit us: a rank killed while it held the lock (a lost rank, a timeout) left the lock behind and every later run on
+    the machine hung at start-up, silently; the segments piled up to 21 GB of a 24 GB machine's memory in a day of
+    runs. The op only serves DeepSpeed's inference all-reduce; training reduces through torch.distributed (gloo),
+    so nothing here uses it. GPU accelerators do not have it."""
+    if du.device().type != "cpu":
+        return
+    try:
+        import deepspeed.ops as ops
+
+        ops.__compatible_ops__["deepspeed_shm_comm"] = False  # build_shm_op() returns None for an incompatible op
+    except (ImportError, AttributeError, TypeError):  # another DeepSpeed layout: it keeps its default
+        pass
+
 
 class Engine:
     """A model and its optimizer under DeepSpeed: forward, backward, step, the temperature clamp, full state, I/O.
@@ -120,6 +138,7 @@ class Engine:
                  compile_backend: str = "inductor"):
         self.cfg = cfg
         self.config = deepspeed_config(cfg, du.world_size())
+        _skip_cpu_shm_op()
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         self.compiled, self.compile_note = False, "engine.compile=false: eager"
         if cfg.compile:
