@@ -73,7 +73,7 @@ def setup(tmp_path_factory):
         f"max_steps: {STEPS}\nseed: 0\n"
         "model: {clip: tiny, head: seqTransf, num_frames: 4, frame_size: 32, max_words: 16, cross_layers: 1}\n"
         f"data: {{sources: [{shards}], num_workers: 0, crop: center}}\n"
-        "optim: {lr: 1.0e-3, coef_lr: 1.0, warmup_steps: 10, weight_decay: 0.0}\n"
+        "optim: {lr: 5.0e-4, coef_lr: 1.0, warmup_steps: 10, weight_decay: 0.0}\n"
         "engine: {zero_stage: 2, precision: fp32, micro_batch_size: 4}\n"
         "checkpoint: {every_steps: 20, keep_last: 3}\n"
         "log: {every_steps: 1, tensorboard: false}\n"
@@ -106,7 +106,10 @@ def test_zero2_two_ranks_loss_falls_and_export_loads(zero2):
     losses = _losses(run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     first, last = sum(losses[s] for s in range(1, 11)) / 10, sum(losses[s] for s in range(STEPS - 9, STEPS + 1)) / 10
-    assert last < 0.9 * first, losses
+    # Another machine's rounding makes a different run after a few dozen steps, as a different seed does: at
+    # lr 1e-3 seeds 0-3 gave last/first 0.95 / 0.90 / 0.79 (a 0.9 bound failed in CI); at 5e-4 0.88 / 0.87 /
+    # 0.82 / 0.88, so 0.95 is about three spreads away from what any seed gave.
+    assert last < 0.95 * first, losses
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept == ["step_00000020", "step_00000040", "step_00000060"]
     model = ptrain.load(run / "checkpoints" / "step_00000060" / "export")
