@@ -36,7 +36,7 @@ from ptrain.model.config import ModelConfig
 
 # ModelConfig fields a fine-tune may set on top of an export's architecture (how it trains, not what it is)
 TRAINING_FIELDS = ("num_frames", "max_words", "local_loss", "gather_with_grad", "reverse_negatives",
-                   "grad_checkpointing", "tight_dropout", "max_logit_scale")
+                   "grad_checkpointing", "tight_dropout", "max_logit_scale", "mask_ratio", "mask_mode")
 
 
 def init_model(init: str, cfg: ModelConfig):
@@ -112,6 +112,7 @@ def train(cfg: FinetuneConfig, on_checkpoint: Callable[[Path, Position], None] |
     from ptrain.data import build_train_loader
     from ptrain.engine import Engine, describe
     from ptrain.loss import build_loss
+    from ptrain.masking import build_token_masker
     from ptrain.model.freeze import freeze_clip_layers
     from ptrain.optim import apply_group_hparams, build_optimizer
 
@@ -191,11 +192,18 @@ def train(cfg: FinetuneConfig, on_checkpoint: Callable[[Path, Position], None] |
                       every_epochs * steps_per_epoch, cfg.engine.grad_accum, cfg.engine.precision,
                       model_cfg.max_logit_scale)
     pairs = cfg.engine.micro_batch_size if model.spec.tight else 1
+    # token masking as in pretraining (off unless the fine-tune config sets model.mask_ratio; an export's is not inherited)
+    masker = build_token_masker(model_cfg, model.num_patches, seed=cfg.seed, max_steps=max_steps,
+                                unmasked_tail_steps=cfg.optim.unmasked_tail_steps)
+    flops = {r: model.flops_per_sample(tight_pairs=pairs, mask_ratio=r) for r in {0.0, model_cfg.mask_ratio}}
+    if masker is not None:
+        log.info(f"token masking: ratio {masker.ratio} ({masker.mode}), {masker.kept} of {masker.patches} patch "
+                 "tokens per frame kept (+ the class token)")
     try:
         if start.step < max_steps:
             fit(engine, loader, build_loss(model_cfg), log, cadence, cfg.optim, start=start, save=save,
-                evaluate=lambda step: selection.evaluate(step, step / steps_per_epoch),
-                flops_per_sample=model.flops_per_sample(tight_pairs=pairs),
+                evaluate=lambda step: selection.evaluate(step, step / steps_per_epoch), masker=masker,
+                flops_per_sample=lambda step: flops[masker.ratio_at(step) if masker is not None else 0.0],
                 peak=peak_flops(cfg.engine.peak_tflops, cfg.engine.precision))
         if not selection.split:  # no validation split: the last epoch is the export
             selection.keep_last(max_steps)

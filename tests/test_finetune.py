@@ -153,3 +153,32 @@ def test_an_interrupted_finetune_resumes_exactly(bench, tmp_path):
     best_ref = json.loads((ref / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())["best"]
     best_run = json.loads((run / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())["best"]
     assert best_run["step"] == best_ref["step"] and best_run["value"] == pytest.approx(best_ref["value"])
+
+
+@pytest.mark.slow
+def test_a_finetune_masks_tokens_only_when_its_own_config_says_so(bench, tmp_path):
+    """model.mask_ratio in the fine-tune config masks as in pretraining (the log says so; MFU counts the kept
+    tokens); an export's own mask_ratio is not inherited."""
+    from ptrain.model import ModelConfig, build_model, save_export
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        masked_export = build_model(ModelConfig(clip="tiny", head="seqTransf", num_frames=3, frame_size=32,
+                                                max_words=12, cross_layers=1, mask_ratio=0.5))
+    save_export(masked_export, tmp_path / "masked_init")
+    masked = masked_export.flops_per_sample(mask_ratio=0.5)
+    unmasked = masked_export.flops_per_sample(mask_ratio=0)
+    assert masked < unmasked
+
+    for name, overrides, flops in (("own", ["model.mask_ratio=0.5"], masked), ("inherited", [], unmasked)):
+        run = tmp_path / name
+        proc = _finetune(bench, f"run_dir={run}", f"init={tmp_path / 'masked_init'}", "epochs=1",
+                         "engine.peak_tflops=1", *overrides)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert ("token masking: ratio 0.5 (frame)" in proc.stderr) == (name == "own"), proc.stderr[-3000:]
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in rows if r["kind"] == "train"]
+        assert train
+        for row in train:  # mfu = samples/s x 3 x flops / peak (1 TFLOP/s), one step per log window
+            assert row["mfu"] * 1e12 / (3 * row["samples_per_s"]) == pytest.approx(flops, rel=1e-6), (name, row)
