@@ -14,6 +14,8 @@
    receives them, writes the group's shards atomically and leaves the group's record (its failures, its shards'
    sizes and mtimes). At most ``ray.window`` tasks are in flight; the next ones are submitted only as tasks
    finish, in plan order, so decoded frames wait in the object store for at most the groups in the window.
+   Tasks are scheduled with Ray's SPREAD strategy (over every node of the cluster, not packed onto the head first);
+   ``progress.json`` counts the finished tasks of each node.
 4. ``progress.json``, ``errors.jsonl`` and ``manifest.json`` are written as groups finish (watchable while the job
    runs) and rewritten whole, in plan order, at the end: a rerun never duplicates a line.
 """
@@ -32,7 +34,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from ptrain.data.format import ERRORS, MANIFEST, shard_stem
+from ptrain.data.format import ERRORS, MANIFEST, PROGRESS, shard_stem
 from sharding.config import ShardConfig
 from sharding.plan import index_videos, planned_clip
 from sharding.planstore import (
@@ -59,7 +61,6 @@ from sharding.write import (
 )
 
 STATE_DIR = ".ptrain_shard"  # plan marker, stored plans, lock, group records and the ledger
-PROGRESS = "progress.json"
 LOCK_WAIT_S = 20.0  # a killed run's local Ray holds the lock until it is gone (a few seconds)
 
 
@@ -86,6 +87,14 @@ def _error(video_id, stage, cls, message, clip_index=None, key=None, clips=None)
 # Ray task bodies (plain functions: testable without Ray)
 
 _WORKER = None
+
+
+def _node_id() -> str | None:
+    """The Ray node this task runs on; None outside Ray (the task bodies are plain functions)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
 
 
 def _decode_worker():
@@ -127,7 +136,8 @@ def decode_videos(group_file: str, start: int, stop: int, opts: dict, skip_shard
                 errors.append(_error(vid, "clip", result.cls, result.message, clip.clip_index, clip.key))
             elif clip.shard not in skip:
                 samples[clip.shard].append(clip_sample(clip, info, result))
-    return {"clips": clips_seen, "errors": len(errors)}, {"samples": dict(samples), "errors": errors}
+    return ({"clips": clips_seen, "errors": len(errors), "node": _node_id()},
+            {"samples": dict(samples), "errors": errors})
 
 
 def write_group(group: int, shards: list[int], opts: dict, done: dict, *decoded: dict) -> dict:
@@ -154,6 +164,12 @@ def write_group(group: int, shards: list[int], opts: dict, done: dict, *decoded:
     record = {"group": group, "versions": opts["versions"], "errors": errors, "shards": written}
     write_atomic(_record_file(out, opts["plan_hash"], group), json.dumps(record, sort_keys=True).encode())
     return record
+
+
+def write_task(group: int, shards: list[int], opts: dict, done: dict, *decoded: dict) -> dict:
+    """The writer as a Ray task: :func:`write_group`'s record, and the node it ran on (kept out of the record,
+    which a rerun reads back and compares)."""
+    return {"record": write_group(group, shards, opts, done, *decoded), "node": _node_id()}
 
 
 def _records_dir(out: Path, phash: str) -> Path:
@@ -424,8 +440,15 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
             "caption_counts": cfg.source != "howto100m"}
     window = cfg.ray.window or max(2, int(2 * ray.cluster_resources().get("CPU", 1) / cfg.ray.cpus_per_task))
     live.window = window
-    decode_remote = ray.remote(decode_videos).options(num_cpus=cfg.ray.cpus_per_task, max_retries=2, num_returns=2)
-    write_remote = ray.remote(write_group).options(num_cpus=cfg.ray.cpus_per_task, max_retries=2)
+    # SPREAD: Ray's default packs tasks onto the node that submits them (the head, for a submitted job) until it is
+    # full; spread, every node decodes from the first window on. A task whose worker dies is retried (max_retries)
+    task = {"num_cpus": cfg.ray.cpus_per_task, "max_retries": 2, "scheduling_strategy": "SPREAD"}
+    decode_remote = ray.remote(decode_videos).options(num_returns=2, **task)
+    write_remote = ray.remote(write_task).options(**task)
+    live.nodes = {n["NodeID"]: {"address": n["NodeManagerAddress"], "resources": n["Resources"], "decode_tasks": 0,
+                                "write_tasks": 0} for n in ray.nodes() if n["Alive"]}
+    print(f"ptrain shard: {len(live.nodes)} Ray node(s), {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+          f"window {window} tasks", flush=True)
     (out / STATE_DIR / f"groups-{phash[:12]}").mkdir(exist_ok=True)
 
     def units():
@@ -468,14 +491,18 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
                 kind, g = inflight.pop(ref)
                 if kind == "decode":
                     try:
-                        n = ray.get(ref)["clips"]
+                        decoded = ray.get(ref)
+                        n = decoded["clips"]
+                        live.task_done(decoded["node"], "decode")
                     except Exception:  # noqa: BLE001 - the group's writer reports it
                         n = 0
                     bar.update(n)
                     live.clips_done += n
                     continue
                 try:
-                    record = ray.get(ref)
+                    written = ray.get(ref)
+                    record = written["record"]
+                    live.task_done(written["node"], "write")
                 except Exception as e:  # noqa: BLE001 - a crashed group is reported, the others go on
                     cause = getattr(e, "cause", None) or e
                     crashed.append((g, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1]}"))
@@ -510,11 +537,17 @@ class _Live:
         self.groups_crashed = 0
         self.in_flight = self.max_in_flight = self.window = 0
         self.local_ray = None
+        self.nodes: dict[str, dict] = {}  # Ray node id -> address, resources, tasks finished there
         self._t_progress = self._t_manifest = 0.0
         self.failures = Counter()
         for rec in records.values():
             self.failures.update(e["class"] for e in rec["errors"])
         self.failures.update(stored.manifest["plan_failures_by_class"])
+
+    def task_done(self, node: str | None, kind: str) -> None:
+        entry = self.nodes.setdefault(node or "?", {"address": None, "resources": {}, "decode_tasks": 0,
+                                                    "write_tasks": 0})  # a node that joined during the run
+        entry[f"{kind}_tasks"] += 1
 
     def group_done(self, record: dict) -> None:
         self.records[record["group"]] = record
@@ -541,7 +574,7 @@ class _Live:
             "clips_per_s": round(rate, 3), "eta_s": round((m["clips"] - done_clips) / rate) if rate > 0 else None,
             "failures_by_class": dict(sorted(self.failures.items())),
             "tasks_in_flight": self.in_flight, "max_tasks_in_flight": self.max_in_flight, "window": self.window,
-            "local_ray": self.local_ray,
+            "local_ray": self.local_ray, "nodes": self.nodes,
         }
         write_atomic(self.out / PROGRESS, json.dumps(info, indent=1, sort_keys=True).encode())
 

@@ -67,7 +67,10 @@ class Cluster:
 
 
 @contextmanager
-def loopback_cluster(num_cpus: int = 2, second_node_cpus: int = 0) -> Iterator[Cluster]:
+def loopback_cluster(num_cpus: int = 2, second_node_cpus: int = 0, extra_env: dict | None = None,
+                     second_node_env: dict | None = None) -> Iterator[Cluster]:
+    """``extra_env``: more environment for every process of the cluster (its workers inherit it);
+    ``second_node_env``: more for the second node's processes alone."""
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 characters
     (Path(temp) / "home").mkdir()
     # every port of our own: Ray's fixed defaults (dashboard agent 52365, client server 10001) can be held by a
@@ -79,7 +82,7 @@ def loopback_cluster(num_cpus: int = 2, second_node_cpus: int = 0) -> Iterator[C
     # shared machine is other people's memory; a test of ours must not fail for that
     env = dict(os.environ, RAY_ADDRESS="", RAY_TMPDIR=temp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_memory_monitor_refresh_ms="0",
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(extra_env or {}))
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "RAY_API_SERVER_ADDRESS"):
         env.pop(k, None)
     start = subprocess.Popen([RAY_BIN, "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host",
@@ -101,7 +104,8 @@ def loopback_cluster(num_cpus: int = 2, second_node_cpus: int = 0) -> Iterator[C
                  "--node-ip-address", "127.0.0.1", *[f"--{flag}={port}" for flag, port in node_ports.items()],
                  "--num-cpus", str(second_node_cpus), "--resources", json.dumps({SECOND_NODE: second_node_cpus}),
                  "--disable-usage-stats"],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                env={**env, **(second_node_env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True)
             out, _ = second.communicate(timeout=180)
             assert second.returncode == 0, out[-3000:]
             cluster.second_session = second.pid
