@@ -14,8 +14,9 @@
    receives them, writes the group's shards atomically and leaves the group's record (its failures, its shards'
    sizes and mtimes). At most ``ray.window`` tasks are in flight; the next ones are submitted only as tasks
    finish, in plan order, so decoded frames wait in the object store for at most the groups in the window.
-   Tasks are scheduled with Ray's SPREAD strategy (over every node of the cluster, not packed onto the head first);
-   ``progress.json`` counts the finished tasks of each node.
+   Each task is placed on the node with the fewest of the job's tasks in flight per CPU (soft node affinity: a
+   node that is gone falls back to any other), so every node works from the first window on; ``progress.json``
+   counts the finished tasks of each node.
 4. ``progress.json``, ``errors.jsonl`` and ``manifest.json`` are written as groups finish (watchable while the job
    runs) and rewritten whole, in plan order, at the end: a rerun never duplicates a line.
 """
@@ -440,11 +441,10 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
             "caption_counts": cfg.source != "howto100m"}
     window = cfg.ray.window or max(2, int(2 * ray.cluster_resources().get("CPU", 1) / cfg.ray.cpus_per_task))
     live.window = window
-    # SPREAD: Ray's default packs tasks onto the node that submits them (the head, for a submitted job) until it is
-    # full; spread, every node decodes from the first window on. A task whose worker dies is retried (max_retries)
-    task = {"num_cpus": cfg.ray.cpus_per_task, "max_retries": 2, "scheduling_strategy": "SPREAD"}
-    decode_remote = ray.remote(decode_videos).options(num_returns=2, **task)
-    write_remote = ray.remote(write_task).options(**task)
+    # a task whose worker dies is retried (max_retries); where each task runs is chosen per task (_Placement)
+    task = {"num_cpus": cfg.ray.cpus_per_task, "max_retries": 2}
+    decode_remote, write_remote = ray.remote(decode_videos), ray.remote(write_task)
+    place = _Placement(ray, cfg.ray.cpus_per_task)
     live.nodes = {n["NodeID"]: {"address": n["NodeManagerAddress"], "resources": n["Resources"], "decode_tasks": 0,
                                 "write_tasks": 0} for n in ray.nodes() if n["Alive"]}
     print(f"ptrain shard: {len(live.nodes)} Ray node(s), {ray.cluster_resources().get('CPU', 0):g} CPUs, "
@@ -463,7 +463,7 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
             yield "write", g, (list(range(first, first + n_shards)), done)
 
     crashed: list[tuple[int, str]] = []
-    inflight: dict = {}  # ref -> (kind, group): what the driver waits on, never more than the window
+    inflight: dict = {}  # ref -> (kind, group, node placed on): what the driver waits on, at most the window
     held: dict[int, list] = defaultdict(list)  # group -> its decode results, until its writer is submitted
     todo = units()
     nxt = next(todo, None)
@@ -474,12 +474,16 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
             while nxt is not None and len(inflight) < window:
                 kind, g, args = nxt
                 group_file = str(stored.group_file(g))
+                node, where = place.pick()
                 if kind == "decode":
-                    small, big = decode_remote.remote(group_file, args[0], args[1], opts, args[2])
+                    small, big = decode_remote.options(num_returns=2, scheduling_strategy=where, **task).remote(
+                        group_file, args[0], args[1], opts, args[2])
                     held[g].append(big)
-                    inflight[small] = ("decode", g)
+                    inflight[small] = ("decode", g, node)
                 else:
-                    inflight[write_remote.remote(g, args[0], opts, args[1], *held.pop(g))] = ("write", g)
+                    ref = write_remote.options(scheduling_strategy=where, **task).remote(g, args[0], opts, args[1],
+                                                                                        *held.pop(g))
+                    inflight[ref] = ("write", g, node)
                 live.max_in_flight = max(live.max_in_flight, len(inflight))
                 nxt = next(todo, None)
             # block for one, then take every task that has finished by now (one call over the window, not a
@@ -488,7 +492,8 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
             ray.wait(refs, num_returns=1, fetch_local=False)
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
             for ref in ready:
-                kind, g = inflight.pop(ref)
+                kind, g, node = inflight.pop(ref)
+                place.release(node)
                 if kind == "decode":
                     try:
                         decoded = ray.get(ref)
@@ -521,6 +526,45 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
         if head is not None:
             head.stop()
     return crashed
+
+
+class _Placement:
+    """Where the next task goes: the alive node with the fewest of this job's tasks in flight per CPU. Ray's own
+    placement does not spread a stream of short tasks: a worker leased for one task runs the next ones of the same
+    kind too, so a whole job can run on the head while another node idles. The affinity is soft (a node that died
+    or left: Ray places the task elsewhere); nodes are re-read every REFRESH_S, so nodes that join are used."""
+
+    REFRESH_S = 30.0
+
+    def __init__(self, ray, cpus_per_task: float):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.ray, self.cpus_per_task, self.affinity = ray, cpus_per_task, NodeAffinitySchedulingStrategy
+        self.load: Counter = Counter()  # node id -> this job's tasks in flight placed there
+        self.cpus: dict[str, float] = {}
+        self._t = 0.0
+        self.refresh()
+
+    def refresh(self) -> None:
+        # a node without CPUs for a task (a head started with --num-cpus=0) gets none
+        self.cpus = {n["NodeID"]: n["Resources"].get("CPU", 0.0) for n in self.ray.nodes()
+                     if n["Alive"] and n["Resources"].get("CPU", 0.0) >= self.cpus_per_task}
+        self._t = time.monotonic()
+
+    def pick(self):
+        """``(node id, scheduling strategy)``; ``(None, "SPREAD")`` while no node has the CPUs (a cluster that is
+        still growing: Ray places the task when one joins)."""
+        if time.monotonic() - self._t > self.REFRESH_S:
+            self.refresh()
+        if not self.cpus:
+            return None, "SPREAD"
+        node = min(self.cpus, key=lambda n: self.load[n] / self.cpus[n])
+        self.load[node] += 1
+        return node, self.affinity(node_id=node, soft=True)
+
+    def release(self, node: str | None) -> None:
+        if node is not None:
+            self.load[node] -= 1
 
 
 class _Live:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from net import session_pids
+from net import is_loopback, listeners, session_pids
 from ray_local import SECOND_NODE, loopback_cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,6 +105,11 @@ def test_a_worker_killed_mid_decode_on_the_second_node_costs_nothing(sample_corp
                          rf"ETA \S+ \(running\)\s+{re.escape(str(out))}$", listed.stdout, re.M), listed.stdout
         running = json.loads((out / "progress.json").read_text())
         assert running["state"] == "running" and running["shards_committed"] < running["shards_total"]
+
+        # both nodes listen on loopback only (no Ray Train here, so no torch store either)
+        sockets = [(session, *socket) for session in cluster.sessions for socket in listeners(session)]
+        assert {session for session, *_ in sockets} == set(cluster.sessions), sockets
+        assert all(is_loopback(ip) for *_, ip, _port in sockets), [s for s in sockets if not is_loopback(s[2])]
 
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 300
