@@ -66,6 +66,18 @@ class Cluster:
         return env
 
 
+def _distinct_ports(flags: tuple, taken: set = frozenset()) -> dict[str, int]:
+    """A free loopback port per flag, no two the same: the OS may hand out a port just released again, and Ray
+    refuses to start when two of its components are given one port."""
+    ports: dict[str, int] = {}
+    for flag in flags:
+        port = free_port()
+        while port in taken or port in ports.values():
+            port = free_port()
+        ports[flag] = port
+    return ports
+
+
 @contextmanager
 def loopback_cluster(num_cpus: int = 2, second_node_cpus: int = 0, extra_env: dict | None = None,
                      second_node_env: dict | None = None) -> Iterator[Cluster]:
@@ -75,9 +87,8 @@ def loopback_cluster(num_cpus: int = 2, second_node_cpus: int = 0, extra_env: di
     (Path(temp) / "home").mkdir()
     # every port of our own: Ray's fixed defaults (dashboard agent 52365, client server 10001) can be held by a
     # cluster stopped a moment ago or by someone else's Ray on this machine
-    ports = {flag: free_port() for flag in ("port", "dashboard-port", "dashboard-agent-listen-port",
-                                             "dashboard-agent-grpc-port", "metrics-export-port",
-                                             "runtime-env-agent-port", "ray-client-server-port")}
+    ports = _distinct_ports(("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                             "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port"))
     # RAY_memory_monitor_refresh_ms=0: Ray's memory monitor kills tasks when the *machine* is near full, which on a
     # shared machine is other people's memory; a test of ours must not fail for that
     env = dict(os.environ, RAY_ADDRESS="", RAY_TMPDIR=temp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
@@ -97,8 +108,8 @@ def loopback_cluster(num_cpus: int = 2, second_node_cpus: int = 0, extra_env: di
         cluster = Cluster(f"http://127.0.0.1:{ports['dashboard-port']}", env, start.pid, ports)
         if second_node_cpus:
             # the agent ports of its own too: the head's are taken, and Ray's defaults are fixed numbers
-            node_ports = {flag: free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                         "metrics-export-port", "runtime-env-agent-port")}
+            node_ports = _distinct_ports(("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                          "metrics-export-port", "runtime-env-agent-port"), set(ports.values()))
             second = subprocess.Popen(
                 [sys.executable, "-c", _RAY_START_NODE, "start", f"--address=127.0.0.1:{ports['port']}",
                  "--node-ip-address", "127.0.0.1", *[f"--{flag}={port}" for flag, port in node_ports.items()],
