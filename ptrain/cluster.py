@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ptrain.config import ConfigError, config_files, config_to_dict, load_config
+from ptrain.data.format import PROGRESS
 
 SUBMITTABLE = ("shard", "pretrain", "finetune", "eval")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -316,7 +317,8 @@ is read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, as Ray's 
 Exit status: 0 submitted (or succeeded with --follow), 1 the followed job failed, 2 a bad command or config,
 3 already submitted, 4 the cluster could not be reached or refused."""
 
-JOBS_USAGE = """usage: ptrain jobs [--address URL]              list ptrain's jobs on the cluster (id, status, verb, outputs)
+JOBS_USAGE = """usage: ptrain jobs [--address URL]              list ptrain's jobs on the cluster (id, status, verb, progress,
+                                          outputs; a shard job's progress is read from its out/progress.json)
        ptrain jobs logs ID [--follow]     a job's output (--follow: until it ends)
        ptrain jobs stop ID                stop a job (its workers are stopped too)
 
@@ -468,6 +470,31 @@ def _when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
 
+def _progress(metadata: dict) -> str:
+    """A shard job's progress as its output directory (the submission's ``ptrain_output``) shows it: shards
+    committed, clips done, failures, ETA; "-" for other verbs, or when the directory is not visible from here."""
+    out = metadata.get("ptrain_output", "")
+    if metadata.get("ptrain_verb") != "shard" or not out:
+        return "-"
+    try:
+        p = json.loads((Path(out) / PROGRESS).read_text())
+        text = (f"{p['shards_committed']}/{p['shards_total']} shards, {p['clips_in_done_groups']}/{p['clips_total']} "
+                f"clips, {sum(p['failures_by_class'].values())} failures")
+        if p["state"] == "running":
+            text += f", ETA {_duration(p['eta_s'])}"
+        return f"{text} ({p['state']})"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "-"  # not written yet, not on this machine's filesystem, or another version's
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def jobs_main(argv: list[str]) -> int:
     from ptrain.cli import print_help
 
@@ -486,14 +513,15 @@ def jobs_main(argv: list[str]) -> int:
         jobs = Jobs(opts.get("--address") or default_address())
         if action == "list":
             rows = [(j.submission_id, str(j.status.value), j.metadata.get("ptrain_verb", ""), _when(j.start_time),
-                     _when(j.end_time), j.metadata.get("ptrain_output", "")) for j in jobs.ptrain_jobs()]
+                     _when(j.end_time), _progress(j.metadata), j.metadata.get("ptrain_output", ""))
+                    for j in jobs.ptrain_jobs()]
             if not rows:
                 print(f"no ptrain jobs on {jobs.address}")
                 return 0
-            rows.insert(0, ("ID", "STATUS", "VERB", "STARTED", "ENDED", "OUTPUTS"))
-            widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            rows.insert(0, ("ID", "STATUS", "VERB", "STARTED", "ENDED", "PROGRESS", "OUTPUTS"))
+            widths = [max(len(r[i]) for r in rows) for i in range(6)]
             for r in rows:
-                print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+                print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[6])
             return 0
         job_id = ids[0]
         info = jobs.info(job_id)

@@ -14,6 +14,9 @@
    receives them, writes the group's shards atomically and leaves the group's record (its failures, its shards'
    sizes and mtimes). At most ``ray.window`` tasks are in flight; the next ones are submitted only as tasks
    finish, in plan order, so decoded frames wait in the object store for at most the groups in the window.
+   Each task is placed on the node with the fewest of the job's tasks in flight per CPU (soft node affinity: a
+   node that is gone falls back to any other), so every node works from the first window on; ``progress.json``
+   counts the finished tasks of each node.
 4. ``progress.json``, ``errors.jsonl`` and ``manifest.json`` are written as groups finish (watchable while the job
    runs) and rewritten whole, in plan order, at the end: a rerun never duplicates a line.
 """
@@ -32,7 +35,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from ptrain.data.format import ERRORS, MANIFEST, shard_stem
+from ptrain.data.format import ERRORS, MANIFEST, PROGRESS, shard_stem
 from sharding.config import ShardConfig
 from sharding.plan import index_videos, planned_clip
 from sharding.planstore import (
@@ -59,7 +62,6 @@ from sharding.write import (
 )
 
 STATE_DIR = ".ptrain_shard"  # plan marker, stored plans, lock, group records and the ledger
-PROGRESS = "progress.json"
 LOCK_WAIT_S = 20.0  # a killed run's local Ray holds the lock until it is gone (a few seconds)
 
 
@@ -86,6 +88,14 @@ def _error(video_id, stage, cls, message, clip_index=None, key=None, clips=None)
 # Ray task bodies (plain functions: testable without Ray)
 
 _WORKER = None
+
+
+def _node_id() -> str | None:
+    """The Ray node this task runs on; None outside Ray (the task bodies are plain functions)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
 
 
 def _decode_worker():
@@ -127,7 +137,8 @@ def decode_videos(group_file: str, start: int, stop: int, opts: dict, skip_shard
                 errors.append(_error(vid, "clip", result.cls, result.message, clip.clip_index, clip.key))
             elif clip.shard not in skip:
                 samples[clip.shard].append(clip_sample(clip, info, result))
-    return {"clips": clips_seen, "errors": len(errors)}, {"samples": dict(samples), "errors": errors}
+    return ({"clips": clips_seen, "errors": len(errors), "node": _node_id()},
+            {"samples": dict(samples), "errors": errors})
 
 
 def write_group(group: int, shards: list[int], opts: dict, done: dict, *decoded: dict) -> dict:
@@ -154,6 +165,12 @@ def write_group(group: int, shards: list[int], opts: dict, done: dict, *decoded:
     record = {"group": group, "versions": opts["versions"], "errors": errors, "shards": written}
     write_atomic(_record_file(out, opts["plan_hash"], group), json.dumps(record, sort_keys=True).encode())
     return record
+
+
+def write_task(group: int, shards: list[int], opts: dict, done: dict, *decoded: dict) -> dict:
+    """The writer as a Ray task: :func:`write_group`'s record, and the node it ran on (kept out of the record,
+    which a rerun reads back and compares)."""
+    return {"record": write_group(group, shards, opts, done, *decoded), "node": _node_id()}
 
 
 def _records_dir(out: Path, phash: str) -> Path:
@@ -424,8 +441,14 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
             "caption_counts": cfg.source != "howto100m"}
     window = cfg.ray.window or max(2, int(2 * ray.cluster_resources().get("CPU", 1) / cfg.ray.cpus_per_task))
     live.window = window
-    decode_remote = ray.remote(decode_videos).options(num_cpus=cfg.ray.cpus_per_task, max_retries=2, num_returns=2)
-    write_remote = ray.remote(write_group).options(num_cpus=cfg.ray.cpus_per_task, max_retries=2)
+    # a task whose worker dies is retried (max_retries); where each task runs is chosen per task (_Placement)
+    task = {"num_cpus": cfg.ray.cpus_per_task, "max_retries": 2}
+    decode_remote, write_remote = ray.remote(decode_videos), ray.remote(write_task)
+    place = _Placement(ray, cfg.ray.cpus_per_task)
+    live.nodes = {n["NodeID"]: {"address": n["NodeManagerAddress"], "resources": n["Resources"], "decode_tasks": 0,
+                                "write_tasks": 0} for n in ray.nodes() if n["Alive"]}
+    print(f"ptrain shard: {len(live.nodes)} Ray node(s), {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+          f"window {window} tasks", flush=True)
     (out / STATE_DIR / f"groups-{phash[:12]}").mkdir(exist_ok=True)
 
     def units():
@@ -440,7 +463,7 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
             yield "write", g, (list(range(first, first + n_shards)), done)
 
     crashed: list[tuple[int, str]] = []
-    inflight: dict = {}  # ref -> (kind, group): what the driver waits on, never more than the window
+    inflight: dict = {}  # ref -> (kind, group, node placed on): what the driver waits on, at most the window
     held: dict[int, list] = defaultdict(list)  # group -> its decode results, until its writer is submitted
     todo = units()
     nxt = next(todo, None)
@@ -451,12 +474,16 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
             while nxt is not None and len(inflight) < window:
                 kind, g, args = nxt
                 group_file = str(stored.group_file(g))
+                node, where = place.pick()
                 if kind == "decode":
-                    small, big = decode_remote.remote(group_file, args[0], args[1], opts, args[2])
+                    small, big = decode_remote.options(num_returns=2, scheduling_strategy=where, **task).remote(
+                        group_file, args[0], args[1], opts, args[2])
                     held[g].append(big)
-                    inflight[small] = ("decode", g)
+                    inflight[small] = ("decode", g, node)
                 else:
-                    inflight[write_remote.remote(g, args[0], opts, args[1], *held.pop(g))] = ("write", g)
+                    ref = write_remote.options(scheduling_strategy=where, **task).remote(g, args[0], opts, args[1],
+                                                                                        *held.pop(g))
+                    inflight[ref] = ("write", g, node)
                 live.max_in_flight = max(live.max_in_flight, len(inflight))
                 nxt = next(todo, None)
             # block for one, then take every task that has finished by now (one call over the window, not a
@@ -465,17 +492,22 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
             ray.wait(refs, num_returns=1, fetch_local=False)
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
             for ref in ready:
-                kind, g = inflight.pop(ref)
+                kind, g, node = inflight.pop(ref)
+                place.release(node)
                 if kind == "decode":
                     try:
-                        n = ray.get(ref)["clips"]
+                        decoded = ray.get(ref)
+                        n = decoded["clips"]
+                        live.task_done(decoded["node"], "decode")
                     except Exception:  # noqa: BLE001 - the group's writer reports it
                         n = 0
                     bar.update(n)
                     live.clips_done += n
                     continue
                 try:
-                    record = ray.get(ref)
+                    written = ray.get(ref)
+                    record = written["record"]
+                    live.task_done(written["node"], "write")
                 except Exception as e:  # noqa: BLE001 - a crashed group is reported, the others go on
                     cause = getattr(e, "cause", None) or e
                     crashed.append((g, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1]}"))
@@ -496,6 +528,45 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
     return crashed
 
 
+class _Placement:
+    """Where the next task goes: the alive node with the fewest of this job's tasks in flight per CPU. Ray's own
+    placement does not spread a stream of short tasks: a worker leased for one task runs the next ones of the same
+    kind too, so a whole job can run on the head while another node idles. The affinity is soft (a node that died
+    or left: Ray places the task elsewhere); nodes are re-read every REFRESH_S, so nodes that join are used."""
+
+    REFRESH_S = 30.0
+
+    def __init__(self, ray, cpus_per_task: float):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.ray, self.cpus_per_task, self.affinity = ray, cpus_per_task, NodeAffinitySchedulingStrategy
+        self.load: Counter = Counter()  # node id -> this job's tasks in flight placed there
+        self.cpus: dict[str, float] = {}
+        self._t = 0.0
+        self.refresh()
+
+    def refresh(self) -> None:
+        # a node without CPUs for a task (a head started with --num-cpus=0) gets none
+        self.cpus = {n["NodeID"]: n["Resources"].get("CPU", 0.0) for n in self.ray.nodes()
+                     if n["Alive"] and n["Resources"].get("CPU", 0.0) >= self.cpus_per_task}
+        self._t = time.monotonic()
+
+    def pick(self):
+        """``(node id, scheduling strategy)``; ``(None, "SPREAD")`` while no node has the CPUs (a cluster that is
+        still growing: Ray places the task when one joins)."""
+        if time.monotonic() - self._t > self.REFRESH_S:
+            self.refresh()
+        if not self.cpus:
+            return None, "SPREAD"
+        node = min(self.cpus, key=lambda n: self.load[n] / self.cpus[n])
+        self.load[node] += 1
+        return node, self.affinity(node_id=node, soft=True)
+
+    def release(self, node: str | None) -> None:
+        if node is not None:
+            self.load[node] -= 1
+
+
 class _Live:
     """The run's state as the output directory shows it: progress.json, errors.jsonl and manifest.json."""
 
@@ -510,11 +581,17 @@ class _Live:
         self.groups_crashed = 0
         self.in_flight = self.max_in_flight = self.window = 0
         self.local_ray = None
+        self.nodes: dict[str, dict] = {}  # Ray node id -> address, resources, tasks finished there
         self._t_progress = self._t_manifest = 0.0
         self.failures = Counter()
         for rec in records.values():
             self.failures.update(e["class"] for e in rec["errors"])
         self.failures.update(stored.manifest["plan_failures_by_class"])
+
+    def task_done(self, node: str | None, kind: str) -> None:
+        entry = self.nodes.setdefault(node or "?", {"address": None, "resources": {}, "decode_tasks": 0,
+                                                    "write_tasks": 0})  # a node that joined during the run
+        entry[f"{kind}_tasks"] += 1
 
     def group_done(self, record: dict) -> None:
         self.records[record["group"]] = record
@@ -541,7 +618,7 @@ class _Live:
             "clips_per_s": round(rate, 3), "eta_s": round((m["clips"] - done_clips) / rate) if rate > 0 else None,
             "failures_by_class": dict(sorted(self.failures.items())),
             "tasks_in_flight": self.in_flight, "max_tasks_in_flight": self.max_in_flight, "window": self.window,
-            "local_ray": self.local_ray,
+            "local_ray": self.local_ray, "nodes": self.nodes,
         }
         write_atomic(self.out / PROGRESS, json.dumps(info, indent=1, sort_keys=True).encode())
 

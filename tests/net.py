@@ -43,3 +43,24 @@ def kill_session(session: int, timeout: float = 30.0) -> None:
                 pass
         assert time.monotonic() < deadline, f"processes of session {session} outlived SIGKILL: {pids}"
         time.sleep(0.05)
+
+
+def listeners(session: int) -> list[tuple[str, str, int]]:
+    """(process command, address, port) of every listening TCP socket of the processes of ``session``."""
+    import psutil
+
+    out = []
+    for pid in session_pids(session):
+        try:
+            p = psutil.Process(pid)
+            cmd = " ".join(p.cmdline())[:80]
+            for c in p.net_connections(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN:
+                    out.append((cmd, c.laddr.ip, c.laddr.port))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1") or ip.startswith("::ffff:127.")

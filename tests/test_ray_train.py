@@ -14,10 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from net import free_port, session_pids
+from net import free_port, is_loopback, listeners, session_pids
 from ray_local import loopback_cluster
 
 pytestmark = pytest.mark.slow
@@ -150,25 +149,6 @@ def test_ray_train_loses_a_worker_and_finishes_as_an_uninterrupted_run(sample_co
         torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def _listeners(session: int) -> list[tuple[str, str, int]]:
-    """(process command, address, port) of every listening TCP socket of the cluster's processes."""
-    out = []
-    for pid in session_pids(session):
-        try:
-            p = psutil.Process(pid)
-            cmd = " ".join(p.cmdline())[:80]
-            for c in p.net_connections(kind="tcp"):
-                if c.status == psutil.CONN_LISTEN:
-                    out.append((cmd, c.laddr.ip, c.laddr.port))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return out
-
-
-def _loopback(ip: str) -> bool:
-    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1") or ip.startswith("::ffff:127.")
-
-
 def test_submit_is_idempotent_jobs_list_logs_stop_with_token_auth_on_loopback(sample_corpus, tmp_path):
     with loopback_cluster() as cluster:
         # token authentication: without the token the dashboard refuses, and ptrain says what to do
@@ -215,10 +195,10 @@ def test_submit_is_idempotent_jobs_list_logs_stop_with_token_auth_on_loopback(sa
             assert time.monotonic() < deadline and _active(client, long_id), \
                 client.get_job_logs(long_id)[-5000:]
             time.sleep(0.2)
-        listeners = _listeners(cluster.session)
-        dashboard = [(a, p) for _, a, p in listeners if p == cluster.ports["dashboard-port"]]
-        assert dashboard and all(_loopback(a) for a, _ in dashboard), dashboard
-        elsewhere = [(cmd, a, p) for cmd, a, p in listeners if not _loopback(a)]
+        sockets = listeners(cluster.session)
+        dashboard = [(a, p) for _, a, p in sockets if p == cluster.ports["dashboard-port"]]
+        assert dashboard and all(is_loopback(a) for a, _ in dashboard), dashboard
+        elsewhere = [(cmd, a, p) for cmd, a, p in sockets if not is_loopback(a)]
         assert len(elsewhere) <= 1 and all(cmd.startswith("ray::RayTrainWorker") for cmd, _, _ in elsewhere), \
             f"listening beyond loopback: {elsewhere}"
         assert _worker_pids(cluster.session)

@@ -45,6 +45,7 @@ MAX_SIDECAR_BYTES = 64 << 20
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
+PROGRESS = "progress.json"  # a shard run's progress, rewritten as it runs (sharding/job.py)
 
 
 class SampleError(ValueError):
