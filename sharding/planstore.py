@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import re
 import shutil
@@ -32,8 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import orjson
+
 from ptrain.data.format import sanitize_id
-from sharding.plan import VideoIndex, pack_groups, plan_record
+from sharding.plan import ROW_TARGETS, VideoIndex, pack_groups, plan_record
 from sharding.sources import CaptionError, file_facts
 from sharding.write import write_atomic
 
@@ -123,6 +126,25 @@ def reusable_plan(state: Path, key: str) -> StoredPlan | None:
         return None  # none, or damaged: plan again
 
 
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_TARGETS = operator.itemgetter(ROW_TARGETS)
+
+
+def plan_line(video_id: str, rows: list[list]) -> bytes:
+    """``[video_id, rows]`` as a plan file stores it and the plan hash covers it: compact JSON, UTF-8, floats by
+    ``repr``; the bytes ``json`` has always written (so a plan keeps its hash), made by orjson (about 7x faster).
+    orjson writes the same text except for a float below 1e-4 (``0.00001`` for ``1e-05``, ``1e-7`` for ``1e-07``),
+    a NaN or an infinity (``null``), a lone surrogate, an integer beyond 64 bits (both refused): a line with any
+    of these is made by ``json``. (A text containing ``e-``, ``.0000`` or ``null`` takes that path too.)"""
+    try:
+        line = orjson.dumps([video_id, rows])
+    except orjson.JSONEncodeError:
+        return _dumps([video_id, rows]).encode()
+    if b".0000" in line or b"e-" in line or b"null" in line:
+        return _dumps([video_id, rows]).encode()
+    return line
+
+
 def _error(video_id, cls, message, clips=None) -> dict:
     e = {"video_id": video_id, "clip_index": None, "key": None, "stage": "plan", "class": cls, "message": message}
     if clips is not None:
@@ -191,16 +213,15 @@ def _build(cfg, source, index, plans: Path, tmp: Path, key: str, inputs: dict) -
             yield vid, rows
 
     groups = []
-    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
     with errors:
         for group in pack_groups(videos(), cfg.max_samples_per_shard, cfg.shards_per_task):
             frames = 0
-            with (tmp / f"group-{group.index:06d}.jsonl").open("w", encoding="utf-8") as f:
+            with (tmp / f"group-{group.index:06d}.jsonl").open("wb") as f:
                 for vid, rows in group.videos:
-                    payload = dumps([vid, rows])
-                    h.update(payload.encode("utf-8", "surrogatepass"))
-                    f.write("[" + dumps(paths.pop(vid)) + "," + payload + "]\n")
-                    frames += sum(len(row[6]) for row in rows)
+                    payload = plan_line(vid, rows)
+                    h.update(payload)
+                    f.write(b"[" + _dumps(paths.pop(vid)).encode() + b"," + payload + b"]\n")
+                    frames += sum(map(len, map(_TARGETS, rows)))
             groups.append([group.first_shard, group.num_shards, len(group.videos), group.clips, frames])
     phash = h.hexdigest()
     manifest = {
