@@ -79,20 +79,7 @@ if [[ "$DS_ACCELERATOR" == cpu ]]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / per_node > 0 ? cores / per_node : 1 ))}"
 fi
 
-# Validate the config (and learn run_dir) before starting any rank.
-run_dir="$("$python" - "$PTRAIN_VERB" "$config" "$@" <<'EOF'
-import sys
-from ptrain.cli import VERBS, resolve
-from ptrain.config import ConfigError, load_config
-try:
-    print(load_config(resolve(VERBS[sys.argv[1]][0]), sys.argv[2], sys.argv[3:]).run_dir)
-except ConfigError as e:
-    print(f"launch/{sys.argv[1]}.sh: {e}", file=sys.stderr)
-    sys.exit(2)
-EOF
-)" || exit 2
-case "$run_dir" in /*) ;; *) run_dir="$PWD/$run_dir" ;; esac
-
+# Launch flags first (cheap), then the config.
 args=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 [[ -n "$NUM_GPUS" ]] && args+=(--num_gpus "$NUM_GPUS")
 if [[ -n "$HOSTFILE" ]]; then
@@ -109,13 +96,53 @@ if [[ "$NO_SSH" == 1 ]]; then
   args+=(--no_ssh --node_rank "$NODE_RANK")
 fi
 
+# Validate before starting any rank: the config, everything the verb's preflight can check from it (shards, backbone,
+# run_dir writable, the checkpoint to resume), and that MASTER_PORT is free when the master is this machine.
+check_port=1
+[[ "$NO_SSH" == 1 && "$NODE_RANK" != 0 ]] && check_port=0   # the master is another node: its port is not ours to see
+run_dir="$("$python" - "$PTRAIN_VERB" "$MASTER_ADDR" "$MASTER_PORT" "$check_port" "$config" "$@" <<'EOF'
+import importlib
+import sys
+
+from ptrain.cli import VERBS, resolve
+from ptrain.config import ConfigError, load_config
+
+verb, addr, port, check_port, config, overrides = *sys.argv[1:6], sys.argv[6:]
+me = f"launch/{verb}.sh"
+answer, sys.stdout = sys.stdout, sys.stderr  # stdout carries run_dir only
+try:
+    cfg = load_config(resolve(VERBS[verb][0]), config, overrides)
+except ConfigError as e:
+    print(f"{me}: {e}", file=sys.stderr)
+    sys.exit(2)
+if not port.isdigit() or not 0 < int(port) < 65536:
+    print(f"{me}: MASTER_PORT={port!r} is not a port number (1-65535); set --master-port P", file=sys.stderr)
+    sys.exit(2)
+preflight = getattr(importlib.import_module(VERBS[verb][1].split(":")[0]), "preflight", None)
+try:
+    if preflight is not None:
+        preflight(cfg)
+    if check_port == "1":
+        from ptrain.distributed import check_master_port
+
+        check_master_port(addr, int(port))
+except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"{me}: {e}", file=sys.stderr)
+    sys.exit(2)
+print(cfg.run_dir, file=answer)
+EOF
+)" || exit 2
+case "$run_dir" in /*) ;; *) run_dir="$PWD/$run_dir" ;; esac
+
 echo "$me: $DS_ACCELERATOR, ranks/node ${NUM_GPUS:-all}, hostfile ${HOSTFILE:-none}, master $MASTER_ADDR:$MASTER_PORT, run_dir $run_dir" >&2
 set +e
 deepspeed "${args[@]}" --no_local_rank --module ptrain "$PTRAIN_VERB" "$config" "$@"
 status=$?
 set -e
 if [[ $status -ne 0 ]]; then
-  latest="$(ls -d "$run_dir"/checkpoints/step_*/COMPLETE 2>/dev/null | sort | tail -n 1 || true)"
+  # the newest checkpoint whose files are all there and parse (a damaged newer one is skipped on resume too)
+  latest="$("$python" -c 'import sys; from ptrain.checkpoint import latest_intact; print(latest_intact(sys.argv[1]) or "")' \
+    "$run_dir" 2>/dev/null || true)"
   case $status in
     2) why="a bad config or input (the message above names it)" ;;
     3) why="a non-finite loss or gradient (the rank's message above has the step)" ;;
@@ -134,7 +161,8 @@ if [[ $status -ne 0 ]]; then
   esac
   echo "$me: training failed (exit $status): $why." >&2
   if [[ -n "$latest" ]]; then
-    echo "$me: newest complete checkpoint: $(dirname "$latest"); re-run the same command to resume from it." >&2
+    fix=""; [[ $status -eq 2 ]] && fix="fix that, then "
+    echo "$me: newest complete checkpoint: $latest; ${fix}re-run the same command to resume from it." >&2
   else
     echo "$me: no complete checkpoint in $run_dir/checkpoints yet; a re-run starts from step 0." >&2
   fi

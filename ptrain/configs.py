@@ -21,6 +21,21 @@ from ptrain.config import Problems, opt, section
 from ptrain.data.config import DataConfig
 from ptrain.model.config import ModelConfig
 
+# A batch whose uint8 frames alone exceed this can never run: its float copy is 4x that, beyond any accelerator or
+# host of today, so such a batch size is a typo; refused before anything is allocated.
+MAX_BATCH_FRAME_BYTES = 64 << 30
+
+
+def batch_problem(key: str, batch: int, num_frames: int, frame_size: int) -> str | None:
+    """A sentence when ``batch`` clips of ``num_frames`` x ``frame_size``^2 RGB uint8 frames exceed the bound."""
+    clip = num_frames * 3 * frame_size * frame_size
+    if batch * clip <= MAX_BATCH_FRAME_BYTES:
+        return None
+    return (f"{key}={batch} clips of {num_frames} frames at {frame_size} px is {batch * clip / 2**30:.0f} GiB of uint8 "
+            f"frames per batch (their float copy 4x that); at most {MAX_BATCH_FRAME_BYTES // clip} fit the "
+            f"{MAX_BATCH_FRAME_BYTES >> 30} GiB bound. Use a realistic size (CLIP4Clip: 8-128 per device) and "
+            "engine.grad_accum for a larger global batch")
+
 
 @dataclass
 class OptimConfig:
@@ -44,6 +59,8 @@ class OptimConfig:
         "-1: train all of CLIP; k >= 0: freeze CLIP's embeddings and pre-norm and its first k layers per tower "
         "(CLIP4Clip semantics: 0 freezes only the embeddings)",
     )
+    unmasked_tail_steps: int = opt(
+        0, "with model.mask_ratio > 0: train the last N steps on every token (FLIP's unmasked tail); 0 = masked to the end")
 
     def __post_init__(self):
         p = Problems()
@@ -58,6 +75,8 @@ class OptimConfig:
         p.check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         p.check(self.freeze_layer_num >= -1, "freeze_layer_num",
                 f"freeze_layer_num must be -1 (train everything) or >= 0, got {self.freeze_layer_num}")
+        p.check(self.unmasked_tail_steps >= 0, "unmasked_tail_steps",
+                f"unmasked_tail_steps must be >= 0, got {self.unmasked_tail_steps}")
         p.raise_any()
 
 
@@ -82,6 +101,9 @@ class EngineConfig:
         0.0, "peak dense TFLOP/s of one device in the compute dtype, for MFU; 0 = detect on known GPUs (CPU: set it)"
     )
     dist_timeout_s: int = opt(1800, "collective timeout in seconds: how long a rank waits for a lost peer before failing")
+    compile: bool = opt(
+        False, "run the model's forward and backward under torch.compile (DeepSpeed's engine.compile); where the "
+        "backend cannot compile (no C compiler, no Triton) training warns and runs eagerly")
 
     def __post_init__(self):
         p = Problems()
@@ -93,6 +115,10 @@ class EngineConfig:
         p.check(self.reduce_bucket_size >= 1, "reduce_bucket_size",
                 f"reduce_bucket_size must be >= 1, got {self.reduce_bucket_size}")
         p.check(self.dist_timeout_s >= 1, "dist_timeout_s", f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
+        p.check(not (self.compile and self.zero_stage == 3), "compile",
+                "compile=true does not work with zero_stage=3 (DeepSpeed 0.19.8 gathers ZeRO-3 parameters in module "
+                "hooks that break torch.compile's graphs); use zero_stage 1 or 2, or compile=false",
+                also=("zero_stage",))
         p.raise_any()
 
 
@@ -108,6 +134,10 @@ class CheckpointConfig:
     )
     consolidated_optimizer: bool = opt(
         True, "also save full (unpartitioned) fp32 weights + Adam moments, so a run can resume on a different world size"
+    )
+    if_all_damaged: Literal["error", "start_over"] = opt(
+        "error", "resume=auto when every COMPLETE checkpoint fails verification: error (exit 2, each problem named) "
+        "or start_over (step 0; the damaged ones are moved to checkpoints/damaged/)"
     )
 
     def __post_init__(self):
@@ -202,6 +232,10 @@ class PretrainConfig:
         p.check(not (self.eval.every_steps and not self.data.eval_sources), "eval.every_steps",
                 "eval.every_steps is set but data.eval_sources is empty; give held-out shards or set eval.every_steps=0",
                 also=("data.eval_sources",))
+        for key, batch in (("engine.micro_batch_size", self.engine.micro_batch_size),
+                           ("eval.batch_size", self.eval.batch_size)):
+            why = batch_problem(key, batch, self.model.num_frames, self.model.frame_size)
+            p.check(why is None, key, why or "", also=("model.num_frames", "model.frame_size"))
         p.raise_any()
 
 

@@ -4,6 +4,7 @@
     engine = Engine(model, build_optimizer(model, cfg.optim), cfg.engine)   # deepspeed.initialize
     out = engine(frames, mask, ids, attn); engine.backward(loss); engine.step()
     engine.clamp_(model.logit_scale.log_scale, max_log_scale)               # in the fp32 master copy
+    engine.compiled, engine.compile_note                                   # engine.compile=true: the outcome
     weights, moments = engine.gather_full_state()                          # world-size-free state (collective)
     engine.save(directory, tag, client_state) / engine.load(directory, tag)
 
@@ -13,10 +14,24 @@ the process group is ``ptrain.distributed``'s. ZeRO's partitioned fp32 master we
 gathered into full tensors (:meth:`Engine.gather_full_state`) and scattered back into an engine of any world size
 and ZeRO stage (:meth:`Engine.load_full_state`): that is how a checkpoint saved on N ranks resumes on M ranks
 (DeepSpeed's own ZeRO files refuse a different data-parallel size).
+
+``engine.compile=true`` compiles the model's forward (and so its backward, through AOTAutograd) with
+``torch.compile`` the way DeepSpeed 0.19.8 offers it: ``DeepSpeedEngine.compile()`` after ``initialize``, which
+calls ``nn.Module.compile()`` on the wrapped module *in place*. Parameter names, ZeRO's gradient hooks, state dicts,
+checkpoints and exports stay exactly as without compile (``torch.compile(model)`` before ``initialize`` would wrap
+it in an ``OptimizedModule`` and prefix every name with ``_orig_mod.``). Only ``forward`` is compiled; the
+inference API (``encode_video``/``encode_text``, used by evaluation) stays eager. Before compiling, a tiny
+forward + backward is compiled with the same backend: where the toolchain is missing (no C/C++ compiler for
+inductor on CPU, no Triton on a GPU) that probe fails, a ``RuntimeWarning`` says why, and training runs eagerly;
+a compile failure on the model's first forward falls back the same way. Never silently: ``engine.compiled`` and
+``engine.compile_note`` say what happened, and the trainer logs the note.
 """
 
 from __future__ import annotations
 
+import importlib
+import pickle
+import warnings
 from typing import Any
 
 import deepspeed
@@ -30,6 +45,7 @@ from deepspeed.utils import (
 from torch import nn
 
 from ptrain import distributed as du
+from ptrain.checkpoint import DEEPSPEED_PICKLE_GLOBALS
 from ptrain.configs import EngineConfig
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -93,6 +109,24 @@ def describe(ds: dict[str, Any], world_size: int, n_params: int, n_trainable: in
     )
 
 
+def _skip_cpu_shm_op() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce (``deepspeed_shm_comm``).
+
+    On the CPU accelerator, ``deepspeed.initialize`` JIT-compiles that op under a lock file in the torch extensions
+    cache and maps a ~66 MB ``/dev/shm/deepspeed_allreduce_buffer_*`` segment per rank that is never unlinked. Both
+    bit us: a rank killed while it held the lock (a lost rank, a timeout) left the lock behind and every later run on
+    the machine hung at start-up, silently; the segments piled up to 21 GB of a 24 GB machine's memory in a day of
+    runs. The op only serves DeepSpeed's inference all-reduce; training reduces through torch.distributed (gloo),
+    so nothing here uses it. GPU accelerators do not have it."""
+    if du.device().type != "cpu":
+        return
+    try:
+        import deepspeed.ops as ops
+
+        ops.__compatible_ops__["deepspeed_shm_comm"] = False  # build_shm_op() returns None for an incompatible op
+    except (ImportError, AttributeError, TypeError):  # another DeepSpeed layout: it keeps its default
+        pass
+
 
 class Engine:
     """A model and its optimizer under DeepSpeed: forward, backward, step, the temperature clamp, full state, I/O.
@@ -100,10 +134,15 @@ class Engine:
     ``engine.module`` is the plain ``nn.Module`` (its parameters may be ZeRO-3 partitions); ``engine.optimizer``
     exposes torch's ``param_groups`` (``ptrain.optim.set_lr`` works on it)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: EngineConfig):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: EngineConfig,
+                 compile_backend: str = "inductor"):
         self.cfg = cfg
         self.config = deepspeed_config(cfg, du.world_size())
+        _skip_cpu_shm_op()
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        self.compiled, self.compile_note = False, "engine.compile=false: eager"
+        if cfg.compile:
+            self.compiled, self.compile_note = _compile(self.ds, compile_backend)
 
     @property
     def module(self) -> nn.Module:
@@ -114,7 +153,15 @@ class Engine:
         return self.ds.optimizer
 
     def __call__(self, *args, **kwargs):
-        return self.ds(*args, **kwargs)
+        if not self.compiled:
+            return self.ds(*args, **kwargs)
+        try:
+            return self.ds(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            # why: a compile failure on the real model (the probe passed) must not end the run: go on eagerly
+            self.compiled = False
+            self.compile_note = _fall_back(self.ds, f"compiling the model's forward failed: {_first_line(e)}")
+            return self.ds(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
@@ -132,7 +179,7 @@ class Engine:
 
     def clamp_(self, p: torch.Tensor, max_value: float) -> None:
         """Clamp parameter ``p`` of the module to ``max_value`` in the optimizer's fp32 master (and the module copy);
-        a collective under ZeRO, no host synchronisation."""
+        a collective under ZeRO."""
         _clamp_parameter_(p, max_value)
 
     def gather_full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -152,13 +199,96 @@ class Engine:
         self.ds.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, directory: str, tag: str) -> dict[str, Any]:
-        """Load DeepSpeed's own checkpoint (same world size and ZeRO stage); returns the client state."""
-        path, client = self.ds.load_checkpoint(
-            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
-        )
+        """Load DeepSpeed's own checkpoint (same world size and ZeRO stage); returns the client state. Every file
+        is read by :func:`load_deepspeed_file` (no code runs); ValueError names a refused file."""
+        engine = self.ds.checkpoint_engine
+        own_load = engine.load
+        # why: DeepSpeed's TorchCheckpointEngine unpickles with weights_only=False; all its reads go through .load
+        engine.load = load_deepspeed_file
+        try:
+            path, client = self.ds.load_checkpoint(
+                directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+            )
+        finally:
+            engine.load = own_load
         if path is None:
             raise FileNotFoundError(f"{directory}/{tag}: DeepSpeed found no checkpoint to load")
         return client or {}
+
+
+def _deepspeed_pickle_classes() -> list[type]:
+    classes = []
+    for name in DEEPSPEED_PICKLE_GLOBALS:
+        module, attr = name.rsplit(".", 1)
+        classes.append(getattr(importlib.import_module(module), attr))
+    return classes
+
+
+def load_deepspeed_file(path: str, map_location=None) -> Any:
+    """One of DeepSpeed's checkpoint files, unpickled with ``weights_only=True``: tensors, plain containers and the
+    DeepSpeed classes of ``ptrain.checkpoint.DEEPSPEED_PICKLE_GLOBALS`` only; anything else (a pickle that would
+    call a function) is refused with a ValueError naming the file, before it is constructed."""
+    with torch.serialization.safe_globals(_deepspeed_pickle_classes()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                        str(e).splitlines()[0] if str(e) else "")
+            raise ValueError(f"{path}: refused to unpickle it: it holds more than tensors and plain containers "
+                             f"({what[:200]}); a checkpoint written by ptrain never does, so it was altered: "
+                             "resume from another checkpoint") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:400]
+
+
+def compile_probe(backend: str = "inductor", device: torch.device | None = None) -> str | None:
+    """Compile and run a tiny forward + backward with ``backend`` on ``device``; None if it works, else why not."""
+    dev = device or du.device()
+    try:
+        torch._dynamo.reset()  # why: a cached result of an earlier probe must not hide a changed toolchain
+        net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 1)).to(dev)
+        fn = torch.compile(net, backend=backend)
+        fn(torch.randn(4, 8, device=dev)).sum().backward()
+    except Exception as e:  # noqa: BLE001 - any failure means: this backend cannot compile here
+        return _first_line(e)
+    finally:
+        torch._dynamo.reset()
+    return None
+
+
+def _fall_back(ds, reason: str) -> str:
+    """Undo ``nn.Module.compile`` (eager from now on) and warn; returns the note for the log."""
+    module = ds.module
+    if hasattr(module, "_compiled_call_impl"):
+        module._compiled_call_impl = None
+    if hasattr(ds, "_is_compiled"):
+        ds._is_compiled = False
+    note = (f"engine.compile=true but torch.compile cannot be used here ({reason}); training runs EAGERLY "
+            "(same results, no compile speed-up). Install a C/C++ compiler (inductor on CPU) or Triton (GPU), or "
+            "set engine.compile=false to silence this.")
+    warnings.warn(note, RuntimeWarning, stacklevel=3)
+    return note
+
+
+def _compile(ds, backend: str) -> tuple[bool, str]:
+    """Compile ``ds.module``'s forward in place with DeepSpeed's ``engine.compile``; (compiled?, note)."""
+    why = compile_probe(backend)
+    if why is not None:
+        return False, _fall_back(ds, f"the {backend} backend failed on a probe: {why}")
+    try:
+        # static shapes: the micro-batch is always full and the kept-token count changes at most once (the
+        # unmasked tail), so one recompile there beats dynamic-shape kernels for the whole run
+        ds.compile(backend=backend, compile_kwargs={"dynamic": False})
+    except Exception as e:  # noqa: BLE001 - e.g. a torch without compile support
+        return False, _fall_back(ds, f"DeepSpeed's engine.compile failed: {_first_line(e)}")
+    return True, f"engine.compile=true: the model's forward and backward run under torch.compile (backend {backend})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +297,7 @@ class Engine:
 
 def _clamp_parameter_(p: torch.Tensor, max_value: float) -> None:
     """Clamp parameter ``p`` (of the engine's module) to ``max_value`` in the optimizer's fp32 master (and the
-    module copy), without reading it on the host.
+    module copy); under ZeRO the gathered value is read on the host (one scalar per optimizer step).
 
     A collective under ZeRO (every rank must call it). Used after each step for the log-temperature, as
     CLIP4Clip clamps it: a clamp inside the forward alone has zero gradient above the bound, so once an
@@ -176,7 +306,9 @@ def _clamp_parameter_(p: torch.Tensor, max_value: float) -> None:
         return
     if _zero_managed(p):
         full = safe_get_full_fp32_param(p)
-        if full is None:
+        # why the host read: ZeRO-3 cannot write a 1-element parameter back on a rank that holds none of it
+        # (DeepSpeed's set_full_hp_param fails there), so it is written only when it really crossed the bound
+        if full is None or float(full.max()) <= max_value:
             return
         safe_set_full_fp32_param(p, full.clamp(max=max_value))
         if p.numel() == full.numel():  # ZeRO-1/2: the module holds the whole (low-precision) copy

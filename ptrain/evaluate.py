@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ptrain import distributed as du
-from ptrain.configs import EvalConfig, EvalDuringTrainConfig
+from ptrain.configs import EvalConfig, EvalDuringTrainConfig, batch_problem
 from ptrain.data.config import DataConfig
 from ptrain.metrics import chunked_similarity, qb_norm, retrieval_metrics
 from ptrain.model.config import ModelConfig
@@ -100,6 +100,12 @@ def embed(model, loader, max_samples: int = 0, reversed_too: bool = False) -> di
     info = [x for p in parts for x in p["info"]]
     order = torch.argsort(pos_t)
     keep = order[valid_t[order]]
+    if not len(keep):
+        dirs = sorted({str(Path(s.path).parent) for s in loader.dataset.shards})
+        counts = {k: v for k, v in loader.stats.items() if v and k.startswith(("samples_", "shards_"))}
+        raise ValueError(f"none of the {loader.num_samples} held-out samples could be read {counts}: the "
+                         f"JSON or JPEGs of the shards in {', '.join(dirs)} are damaged throughout; re-shard them "
+                         "or evaluate other shards")
     if max_samples:
         keep = keep[:max_samples]
     out: dict[str, Any] = {"video": video[keep], "text": text[keep], "items": [info[i] for i in keep.tolist()]}
@@ -318,6 +324,8 @@ def score_export(model, export, device: torch.device, cfg, reversed_too: bool = 
     """The results dict of ``model`` (loaded from ``export``) on ``cfg.shards`` (an ``EvalConfig``-like section):
     every number, the protocol, counts, the missing videos, the data and export used (``_emb``: the embeddings)."""
     mc = model.cfg
+    if (why := batch_problem("batch_size", cfg.batch_size, mc.num_frames, mc.frame_size)) is not None:
+        raise ValueError(why)
     data_cfg = DataConfig(num_workers=getattr(cfg, "num_workers", 0),
                           frame_sampling=getattr(cfg, "frame_sampling", "uniform"))
     bf16 = getattr(cfg, "dtype", "fp32") == "bf16"

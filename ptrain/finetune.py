@@ -31,7 +31,7 @@ from ptrain import distributed as du
 from ptrain.config import dump_config
 from ptrain.configs import FinetuneConfig
 from ptrain.logging import RunLogger
-from ptrain.loop import Cadence, Position, TrainingFailed, fit, is_lost_peer, peak_flops, report_failure
+from ptrain.loop import Cadence, Position, failure, fit, peak_flops, report_failure
 from ptrain.model.config import ModelConfig
 
 # ModelConfig fields a fine-tune may set on top of an export's architecture (how it trains, not what it is)
@@ -68,6 +68,29 @@ def init_model(init: str, cfg: ModelConfig):
     return model.train(), {"init": str(export), "kind": "export", "heads": f"{model.cfg.head} from the export"}
 
 
+def preflight(cfg: FinetuneConfig):
+    """Every check the config allows before anything is built (``launch/launcher.sh`` runs it before starting any
+    rank, each rank again): the training, validation and test shards exist, ``init`` is there, run_dir is writable.
+    Returns the discovered training shards; raises ValueError / FileNotFoundError / FileExistsError naming the fix."""
+    from ptrain.data import discover_sources
+    from ptrain.data.shards import discover
+
+    discovered = discover_sources(cfg.data)
+    for key, paths in (("data.eval_sources", [s["path"] for s in cfg.data.eval_sources]), ("test", list(cfg.test))):
+        if paths:
+            try:
+                discover(paths, stats={})
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
+    init = Path(cfg.init)
+    if (init.is_absolute() or str(cfg.init).startswith(".")) and not init.exists():
+        raise FileNotFoundError(f"init={cfg.init}: no such export, run or CLIP file; pass an export directory, a run "
+                                "directory, an OpenAI .pt, a HF CLIP directory or id, or a named size (ViT-B/32)")
+    ckpt.check_run_dir(cfg.run_dir)
+    ckpt.resolve_resume(cfg.run_dir, cfg.checkpoint)
+    return discovered
+
+
 def run(cfg: FinetuneConfig) -> int:
     """``ptrain finetune``: this process is a rank (a launcher's, or a world of one), or with ``ray.enabled`` the driver
     of Ray Train workers that each run :func:`train` (``ptrain/cluster.py``)."""
@@ -86,7 +109,7 @@ def run(cfg: FinetuneConfig) -> int:
 def train(cfg: FinetuneConfig, on_checkpoint: Callable[[Path, Position], None] | None = None) -> int:
     """The recipe, on every rank; ``on_checkpoint(path, position)`` runs on every rank after each checkpoint is
     complete on all of them (Ray Train reports it)."""
-    from ptrain.data import build_train_loader, discover_sources
+    from ptrain.data import build_train_loader
     from ptrain.engine import Engine, describe
     from ptrain.loss import build_loss
     from ptrain.model.freeze import freeze_clip_layers
@@ -95,12 +118,14 @@ def train(cfg: FinetuneConfig, on_checkpoint: Callable[[Path, Position], None] |
     run_dir = Path(cfg.run_dir)
     # Inputs first: a bad shard path or a run directory in the way fail before anything is built or written.
     try:
-        discovered = discover_sources(cfg.data)
-        resume_from = ckpt.resolve_resume(run_dir, cfg.checkpoint)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        discovered = preflight(cfg)
+        du.init(cfg.engine.dist_timeout_s)
+        # the checkpoint to resume, verified (rank 0 decides; damaged ones are skipped with a warning)
+        warnings: list[str] = []
+        resume_from = ckpt.select_resume(run_dir, cfg.checkpoint, warnings.append)
+    except (FileNotFoundError, FileExistsError, ValueError, ckpt.CheckpointError) as e:  # PortInUse: a ValueError
         print(f"ptrain finetune: {e}", file=sys.stderr, flush=True)
         return 2
-    du.init(cfg.engine.dist_timeout_s)
     rank, world = du.rank(), du.world_size()
 
     torch.manual_seed(cfg.seed)
@@ -116,7 +141,11 @@ def train(cfg: FinetuneConfig, on_checkpoint: Callable[[Path, Position], None] |
     # Resume an interrupted fine-tune exactly (its checkpoint carries the best-so-far); otherwise a fresh start.
     start, best, resumed = Position(), {}, ""
     if resume_from is not None:
-        state, how = ckpt.load(engine, resume_from, cfg.engine.zero_stage, cfg.engine.precision)
+        try:
+            state, how = ckpt.load(engine, resume_from, cfg.engine.zero_stage, cfg.engine.precision)
+        except ckpt.CheckpointError as e:
+            print(f"ptrain finetune: {e}", file=sys.stderr, flush=True)
+            return 2
         apply_group_hparams(engine.optimizer, model, cfg.optim)
         start, best = Position(int(state["step"]), int(state["samples_seen"])), dict(state.get("best") or {})
         resumed = f"resumed from {resume_from} at step {start.step} via {how}"
@@ -139,6 +168,8 @@ def train(cfg: FinetuneConfig, on_checkpoint: Callable[[Path, Position], None] |
                       local_negatives=model.spec.tight))
     if frozen:
         log.info(f"frozen (optim.freeze_layer_num={cfg.optim.freeze_layer_num}): {len(frozen)} CLIP tensors")
+    for line in warnings:
+        log.info(f"warning: {line}")
     if resumed:
         log.info(resumed)
     log.step_done(start.step)
@@ -170,11 +201,11 @@ def train(cfg: FinetuneConfig, on_checkpoint: Callable[[Path, Position], None] |
             selection.keep_last(max_steps)
         if cfg.test:
             selection.test(cfg.test, tokenizer, init_info)
-    except (TrainingFailed, RuntimeError) as e:
-        if not isinstance(e, TrainingFailed) and not is_lost_peer(e):
+    except (RuntimeError, OSError) as e:  # TrainingFailed, a lost peer, a full or read-only run_dir
+        if failure(e) is None:
             raise
         log.close()
-        return report_failure(e, run_dir, ckpt.latest_complete(run_dir))
+        return report_failure(e, run_dir, ckpt.latest_intact(run_dir))
     log.close()
     return 0
 

@@ -1,7 +1,8 @@
 """The shared training loop: ``train_step`` (one optimizer step) and ``fit`` (schedule, log, checkpoint, eval cadence).
 
     fit(engine, loader, loss_fn, log, cadence, optim_cfg, start=Position(step, samples_seen),
-        save=lambda pos: ..., evaluate=lambda step: {...}, flops_per_sample=..., peak_flops=...)
+        save=lambda pos: ..., evaluate=lambda step: {...}, flops_per_sample=..., peak_flops=...,
+        masker=None)            # ptrain.masking.TokenMasker: the patch tokens each micro-batch keeps
 
 ``ptrain pretrain`` (``ptrain/pretrain.py``) and ``ptrain finetune`` are recipes around it; they build the parts
 and decide what a checkpoint and an evaluation are. The loop never synchronises with the device per micro-batch:
@@ -11,6 +12,7 @@ and before anything is saved (a step with a non-finite loss or gradient never re
 
 from __future__ import annotations
 
+import errno
 import math
 import time
 from dataclasses import dataclass
@@ -20,9 +22,13 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ptrain import distributed as du
+from ptrain.checkpoint import CheckpointWriteError
+from ptrain.data.seekable import DataUnreadable
 from ptrain.optim import lr_multiplier, set_lr
 
-EXIT_NONFINITE, EXIT_OOM, EXIT_LOST_RANK, EXIT_ERROR = 3, 4, 5, 1
+EXIT_NONFINITE, EXIT_OOM, EXIT_LOST_RANK, EXIT_ERROR, EXIT_BAD_INPUT = 3, 4, 5, 1, 2
+# Writes that fail because of the file system (full, read-only, over quota), not because of the program.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 # A rank that lost its peers waits this long before exiting. The deepspeed launcher polls its ranks once a
 # second and reports the first failed exit it sees; the wait lets it see the dead rank's own status (a
 # signal, e.g. SIGKILL from the OOM killer) rather than this rank's "lost peers", which is only the echo.
@@ -36,7 +42,7 @@ _LOST_PEER = ("connection closed by peer", "connection reset", "broken pipe", "t
 
 
 class TrainingFailed(RuntimeError):
-    """A failure with its exit status (3 non-finite, 4 out of memory, 5 lost a rank, 1 other)."""
+    """A failure with its exit status (2 bad input, 3 non-finite, 4 out of memory, 5 lost a rank, 1 other)."""
 
     def __init__(self, message: str, code: int):
         super().__init__(message)
@@ -79,9 +85,19 @@ def is_lost_peer(e: BaseException) -> bool:
     return any(s in text for s in _LOST_PEER)
 
 
-def train_step(engine, loss_fn, batches: Iterator[dict], step: int, accum: int, dev: torch.device) -> dict[str, Any]:
+def _message(e: BaseException) -> str:
+    """An exception's own sentence, also when a DataLoader worker re-raised it with the worker's traceback."""
+    text = str(e).strip()
+    if "Original Traceback" in text:  # "...\nptrain.data.seekable.DataUnreadable: <the sentence>"
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def train_step(engine, loss_fn, batches: Iterator[dict], step: int, accum: int, dev: torch.device,
+               masker: Callable[[dict, int], torch.Tensor | None] | None = None) -> dict[str, Any]:
     """One optimizer step over ``accum`` micro-batches: forward, loss, backward, and DeepSpeed's step (which
-    updates at the accumulation boundary). Returns device tensors (``loss``, ``stats``) and host counters."""
+    updates at the accumulation boundary). Returns device tensors (``loss``, ``stats``) and host counters.
+    ``masker(batch, step)``: the patch tokens each frame keeps (token masking), or None for every token."""
     loss_sum = torch.zeros((), device=dev)
     stats: dict[str, torch.Tensor] = {}
     frames, wait = 0, 0.0
@@ -92,8 +108,10 @@ def train_step(engine, loss_fn, batches: Iterator[dict], step: int, accum: int, 
         if batch["step"] != step:  # the loader's cursor must match ours (resume exactness)
             raise TrainingFailed(f"data cursor at step {batch['step']} but training is at step {step}", EXIT_ERROR)
         frames += int(batch["frame_mask"].sum())  # real frames, not padding (a host tensor: no device sync)
+        keep = masker(batch, step) if masker is not None else None  # drawn from (seed, sample position)
+        extra = {} if keep is None else {"token_keep": keep.to(dev)}
         out = engine(batch["frames"].to(dev), batch["frame_mask"].to(dev), batch["input_ids"].to(dev),
-                     batch["attention_mask"].to(dev))
+                     batch["attention_mask"].to(dev), **extra)
         loss, step_stats = loss_fn(out, batch["group_ids"].to(dev))
         engine.backward(loss)
         engine.step()
@@ -106,8 +124,11 @@ def train_step(engine, loss_fn, batches: Iterator[dict], step: int, accum: int, 
 
 def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Position,
         save: Callable[[Position], Path], evaluate: Callable[[int], dict] | None = None,
-        flops_per_sample: int = 0, peak: float | None = None) -> Position:
-    """Train from ``start`` to ``cadence.max_steps``; returns the final position. Raises TrainingFailed."""
+        flops_per_sample: int | Callable[[int], int] = 0, peak: float | None = None,
+        masker: Callable[[dict, int], torch.Tensor | None] | None = None) -> Position:
+    """Train from ``start`` to ``cadence.max_steps``; returns the final position. Raises TrainingFailed.
+    ``flops_per_sample``: forward FLOPs of one sample, or a function of the step (token masking changes it)."""
+    flops_at = flops_per_sample if callable(flops_per_sample) else (lambda step: flops_per_sample)
     dev, world = du.device(), du.world_size()
     global_batch = loader.global_batch_size
     batches = iter(loader)
@@ -119,9 +140,11 @@ def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Pos
     for step in range(start.step, cadence.max_steps):
         lrs = set_lr(engine.optimizer, lr_multiplier(step, optim_cfg, cadence.max_steps))
         try:
-            result = train_step(engine, loss_fn, batches, step, cadence.grad_accum, dev)
+            result = train_step(engine, loss_fn, batches, step, cadence.grad_accum, dev, masker)
             # The temperature's master weight is clamped after the update, as CLIP4Clip does (a collective).
             engine.clamp_(log_scale, max_log_scale)
+        except DataUnreadable as e:
+            raise TrainingFailed(_message(e), EXIT_BAD_INPUT) from None
         except torch.OutOfMemoryError as e:
             raise TrainingFailed(
                 f"out of memory at step {step + 1} (micro batch {loader.micro_batch_size}, grad_accum "
@@ -132,6 +155,7 @@ def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Pos
                 raise
             raise TrainingFailed(f"lost a rank at step {step + 1}: {str(e).splitlines()[0]}", EXIT_LOST_RANK) from None
         window.add(step, result, engine.grad_norm(), count_grad=cadence.precision != "fp16")
+        window.flops += flops_at(step)
         pos = Position(step + 1, pos.samples_seen + global_batch)
         done = pos.step
         log.step_done()
@@ -144,6 +168,7 @@ def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Pos
             if done % cadence.log_every == 0 or last or done == start.step + 1:
                 skipped = sum(v for k, v in loader.stats.items() if k.startswith("samples_") and k != "samples_substituted")
                 sps = summary["steps"] * global_batch / max(summary["elapsed"], 1e-9)
+                window_flops = window.flops / max(summary["steps"], 1)  # mean forward FLOPs/sample of the window
                 log.metrics(done, {
                     # the optimizer's own rates (after a resume too), not recomputed from the config
                     "loss": summary["loss"], "lr_new": lrs.get("new_decay", lrs.get("new_no_decay")),
@@ -152,7 +177,7 @@ def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Pos
                     "frames_per_s": summary["frames"] / max(summary["elapsed"], 1e-9),
                     "data_wait": summary["wait"] / max(summary["elapsed"], 1e-9), "samples_seen": pos.samples_seen,
                     "epoch": loader.epoch_at(done), **summary["stats"],
-                    "mfu": sps / world * 3 * flops_per_sample / peak if peak else None,
+                    "mfu": sps / world * 3 * window_flops / peak if peak else None,
                     "samples_skipped": skipped, "shards_damaged": loader.stats.get("shards_damaged", 0),
                 })
                 if skipped > reported_skips:
@@ -161,7 +186,12 @@ def fit(engine, loader, loss_fn, log, cadence: Cadence, optim_cfg, *, start: Pos
                 window = _Window(dev)
         # evaluate before saving: what the evaluation decides (a fine-tune's best-so-far) travels in the checkpoint
         if evaluate is not None and cadence.eval_every and (done % cadence.eval_every == 0 or last):
-            log.metrics(done, evaluate(done), prefix="eval")
+            try:
+                scores = evaluate(done)
+            except ValueError as e:  # the held-out shards cannot be evaluated (all unreadable, ...)
+                raise TrainingFailed(f"evaluation at step {done} failed: {e}; fix data.eval_sources or set "
+                                     "eval.every_steps=0", EXIT_BAD_INPUT) from None
+            log.metrics(done, scores, prefix="eval")
             window.restart_clock()
         if saving:
             log.info(f"checkpoint {save(pos)}")
@@ -180,6 +210,7 @@ class _Window:
         self.stats: dict[str, torch.Tensor] = {}
         self.grad_norm: torch.Tensor | None = None
         self.steps, self.frames, self.wait = 0, 0, 0.0
+        self.flops = 0  # sum over the window's steps of the forward FLOPs per sample
         self.t = time.perf_counter()
 
     def restart_clock(self) -> None:
@@ -226,15 +257,30 @@ class _Window:
                 "stats": {k: v / world for k, v in zip(names, values[3:])}}
 
 
+def failure(e: BaseException) -> TrainingFailed | None:
+    """What a recipe reports for an exception out of :func:`fit`: TrainingFailed as it is; a lost peer (5); a write
+    the file system refused (a full or read-only run_dir: 2); None for anything else (a bug: let it raise)."""
+    if isinstance(e, TrainingFailed):
+        return e
+    if isinstance(e, CheckpointWriteError):  # its message names the checkpoint and the fix
+        return TrainingFailed(str(e), EXIT_BAD_INPUT)
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:  # e.g. metrics.jsonl on a full disk
+        return TrainingFailed(f"{e}: free space in run_dir or point run_dir elsewhere", EXIT_BAD_INPUT)
+    if isinstance(e, RuntimeError) and is_lost_peer(e):
+        return TrainingFailed(f"lost a rank: {str(e).splitlines()[0]}", EXIT_LOST_RANK)
+    return None
+
+
 def report_failure(e: BaseException, run_dir: str | Path, latest: Path | None) -> int:
-    """Print what failed and how to go on; returns the exit status (after the lost-peer delay)."""
+    """Print what failed and how to go on (one line); returns the exit status (after the lost-peer delay)."""
     import sys
 
-    if not isinstance(e, TrainingFailed):
-        e = TrainingFailed(f"lost a rank: {str(e).splitlines()[0]}", EXIT_LOST_RANK)
-    where = f"resume from {latest} by re-running the same command" if latest else \
-        "no complete checkpoint yet: a re-run starts over"
-    print(f"ptrain: rank {du.rank()}: {e}\n  {where} (checkpoint.resume=auto).", file=sys.stderr, flush=True)
+    e = failure(e) or TrainingFailed(f"lost a rank: {str(e).splitlines()[0]}", EXIT_LOST_RANK)
+    if latest:
+        where = f"{'fix that, then ' if e.code == EXIT_BAD_INPUT else ''}re-run the same command to resume from {latest}"
+    else:
+        where = "no intact checkpoint yet: a re-run starts over"
+    print(f"ptrain: rank {du.rank()}: {e}; {where} (checkpoint.resume=auto).", file=sys.stderr, flush=True)
     if e.code == EXIT_LOST_RANK:
         time.sleep(LOST_PEER_EXIT_DELAY_S)
     return e.code

@@ -26,7 +26,29 @@ from ptrain import distributed as du
 from ptrain.config import dump_config
 from ptrain.configs import PretrainConfig
 from ptrain.logging import RunLogger
-from ptrain.loop import Cadence, Position, TrainingFailed, fit, is_lost_peer, peak_flops, report_failure
+from ptrain.loop import Cadence, Position, failure, fit, peak_flops, report_failure
+
+
+def preflight(cfg: PretrainConfig):
+    """Every check the config allows before anything is built: the shards (training and held-out) exist, the
+    backbone fits model.frame_size, run_dir is writable, the checkpoint to resume is there. ``launch/launcher.sh``
+    runs it once before starting any rank, each rank again. Returns (discovered shards, newest COMPLETE checkpoint
+    or None); raises ValueError / FileNotFoundError / FileExistsError naming the key and the fix."""
+    from ptrain.data import discover_sources
+    from ptrain.data.shards import discover
+    from ptrain.model.config import backbone_problem
+
+    discovered = discover_sources(cfg.data)
+    if cfg.data.eval_sources:
+        try:
+            discover([s["path"] for s in cfg.data.eval_sources], stats={})
+        except ValueError as e:
+            raise ValueError(f"data.eval_sources: {e}") from None
+    why = backbone_problem(cfg.model)
+    if why:
+        raise ValueError(why)
+    ckpt.check_run_dir(cfg.run_dir)
+    return discovered, ckpt.resolve_resume(cfg.run_dir, cfg.checkpoint)
 
 
 def run(cfg: PretrainConfig) -> int:
@@ -47,29 +69,38 @@ def run(cfg: PretrainConfig) -> int:
 def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, Position], None] | None = None) -> int:
     """The recipe, on every rank; ``on_checkpoint(path, position)`` runs on every rank after each checkpoint is
     complete on all of them (Ray Train reports it)."""
-    from ptrain.data import build_train_loader, discover_sources
+    from ptrain.data import build_train_loader
     from ptrain.engine import Engine, describe
     from ptrain.loss import build_loss
+    from ptrain.masking import build_token_masker
     from ptrain.model import build_model
     from ptrain.model.freeze import freeze_clip_layers
     from ptrain.optim import apply_group_hparams, build_optimizer
 
     # Inputs first: a bad shard path or a run directory in the way fail before anything is built or written.
     try:
-        discovered = discover_sources(cfg.data)
-        resume_from = ckpt.resolve_resume(cfg.run_dir, cfg.checkpoint)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        discovered, _ = preflight(cfg)
+        du.init(cfg.engine.dist_timeout_s)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # du.PortInUse is a ValueError
         print(f"ptrain pretrain: {e}", file=sys.stderr, flush=True)
         return 2
-    du.init(cfg.engine.dist_timeout_s)
     rank, world = du.rank(), du.world_size()
     log = RunLogger(cfg.run_dir, cfg.log, enabled=rank == 0, total_steps=cfg.max_steps)
+    try:  # the checkpoint to resume, verified (rank 0 decides; damaged ones are skipped with a warning)
+        resume_from = ckpt.select_resume(cfg.run_dir, cfg.checkpoint, lambda m: log.info(f"warning: {m}"))
+    except ckpt.CheckpointError as e:
+        print(f"ptrain pretrain: {e}", file=sys.stderr, flush=True)
+        return 2
     if rank == 0:
         dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
 
     # Same seed on every rank: identical init (DeepSpeed also broadcasts rank 0's weights).
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model)
+    try:
+        model = build_model(cfg.model)
+    except (ValueError, FileNotFoundError) as e:  # a backbone that does not fit the config (named by the message)
+        print(f"ptrain pretrain: model: {e}", file=sys.stderr, flush=True)
+        return 2
     frozen = freeze_clip_layers(model, cfg.optim.freeze_layer_num)
     engine = Engine(model, build_optimizer(model, cfg.optim), cfg.engine)
     n_params = sum(p.numel() for p in model.parameters())
@@ -77,13 +108,19 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, Position], None] |
     log.info(describe(engine.config, world, n_params, n_train, cfg.model.grad_checkpointing,
                       local_negatives=model.spec.tight))
     log.info("deepspeed config: " + json.dumps(engine.config, sort_keys=True))
+    if cfg.engine.compile:
+        log.info(engine.compile_note)
     if frozen:
         log.info(f"frozen (optim.freeze_layer_num={cfg.optim.freeze_layer_num}): {len(frozen)} CLIP tensors")
 
     # Resume: engine state (any world size) + the data cursor (optimizer step, samples consumed).
     start, saved_batch = Position(), None
     if resume_from is not None:
-        state, how = ckpt.load(engine, resume_from, cfg.engine.zero_stage, cfg.engine.precision)
+        try:
+            state, how = ckpt.load(engine, resume_from, cfg.engine.zero_stage, cfg.engine.precision)
+        except ckpt.CheckpointError as e:
+            print(f"ptrain pretrain: {e}", file=sys.stderr, flush=True)
+            return 2
         apply_group_hparams(engine.optimizer, model, cfg.optim)  # this config's lr / coef_lr / weight decay
         start = Position(int(state["step"]), int(state["samples_seen"]))
         saved_batch = int(state["data"]["global_batch"])
@@ -124,17 +161,27 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, Position], None] |
                       cfg.engine.grad_accum, cfg.engine.precision, cfg.model.max_logit_scale)
     # a tight head scores every sample against the whole local batch: count those cross-encoder pairs
     pairs = cfg.engine.micro_batch_size if model.spec.tight else 1
+    # token masking: kept patches drawn from (seed, sample position), so a resume draws the same masks
+    masker = build_token_masker(cfg.model, model.num_patches, seed=cfg.seed, max_steps=cfg.max_steps,
+                                unmasked_tail_steps=cfg.optim.unmasked_tail_steps)
+    flops = {r: model.flops_per_sample(tight_pairs=pairs, mask_ratio=r) for r in {0.0, cfg.model.mask_ratio}}
+    if masker is not None:
+        log.info(f"token masking: ratio {masker.ratio} ({masker.mode}), {masker.kept} of {masker.patches} patch "
+                 f"tokens per frame kept (+ the class token)" + (
+                     f"; steps {masker.unmasked_from + 1}-{cfg.max_steps} train on every token "
+                     f"(optim.unmasked_tail_steps={cfg.optim.unmasked_tail_steps})" if masker.unmasked_from is not None
+                     else ""))
     try:
         fit(engine, loader, build_loss(cfg.model), log, cadence, cfg.optim, start=start, save=save,
-            evaluate=evaluate, flops_per_sample=model.flops_per_sample(tight_pairs=pairs),
-            peak=peak_flops(cfg.engine.peak_tflops, cfg.engine.precision))
+            evaluate=evaluate, peak=peak_flops(cfg.engine.peak_tflops, cfg.engine.precision), masker=masker,
+            flops_per_sample=lambda step: flops[masker.ratio_at(step) if masker is not None else 0.0])
         if loader.format_versions().get(1):
             log.info(f"read {loader.format_versions()[1]} sample(s) of shard format 1 (written by an older `ptrain "
                      "shard`; their ASR segments are read as `segments`)")
-    except (TrainingFailed, RuntimeError) as e:
-        if not isinstance(e, TrainingFailed) and not is_lost_peer(e):
+    except (RuntimeError, OSError) as e:  # TrainingFailed, a lost peer, a full or read-only run_dir
+        if failure(e) is None:
             raise
         log.close()
-        return report_failure(e, cfg.run_dir, ckpt.latest_complete(cfg.run_dir))
+        return report_failure(e, cfg.run_dir, ckpt.latest_intact(cfg.run_dir))
     log.close()
     return 0

@@ -1,6 +1,7 @@
 """Config of `ptrain shard`: ShardConfig with its plan and ray sections (stdlib only: `ptrain shard --help` is instant).
 
     ptrain shard videos=DIR captions=caption.json out=SHARDS plan.num_frames=8 plan.sampling=uniform ray.num_cpus=4
+    ptrain shard configs/shard/msvd.yaml annotations=DIR videos=DIR split=test out=SHARDS      # a benchmark split
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from sharding.sources import SOURCES
 
 @dataclass
 class PlanConfig:
-    """How timestamped ASR segments become clips and clips become frame timestamps."""
+    """How timestamped ASR segments become clips, and clips (or a benchmark's videos, whole or their span) frame
+    timestamps: num_frames, sampling, fps and slice apply to both."""
 
     min_seconds: float = opt(5.0, "grow a clip by merging neighbouring segments until it lasts this long (UniVL: 5 s)")
     min_words: int = opt(4, "... and until it has at least this many words")
@@ -78,6 +80,17 @@ class RayConfig:
         p.raise_any()
 
 
+def _benchmark_splits(source: str) -> list[str] | None:
+    """The split names of a benchmark source (None for another source or an unknown one)."""
+    if source not in SOURCES or source == "howto100m":
+        return None
+    import importlib
+
+    module, cls = SOURCES[source].split(":")
+    splits = getattr(getattr(importlib.import_module(module), cls), "splits", None)
+    return list(splits) if splits is not None else None
+
+
 def _fraction(text: str) -> bool:
     try:
         return 0.0 < float(text) <= 1.0
@@ -90,7 +103,8 @@ class ShardConfig:
     """`ptrain shard`: videos + their annotations (a source) -> WebDataset tars of JPEG frames."""
 
     source: str = opt("howto100m", f"input kind, the reader of the annotations: one of {', '.join(SOURCES)}")
-    videos: str = opt("", "directory of <video_id>.<ext> files (mp4, webm, mkv, avi, mov, m4v), searched recursively; "
+    videos: str = opt("", "directory of <video_id>.<ext> files (mp4, webm, mkv, avi, mov, m4v, 3gp, wmv, mpg, mpeg, "
+                          "flv), searched recursively (a benchmark's video is found by its file id or its id); "
                           "or a list file: one video path per line, or a CSV with a video_id,path header (a "
                           "million-file tree is then not walked on every run)")
     captions: str = opt("", "source howto100m: caption.json / raw_caption.json: {video_id: {start: [...], end: "
@@ -98,7 +112,10 @@ class ShardConfig:
     video_list: Optional[str] = opt(None, "source howto100m: optional CSV (HowTo100M_v1.csv style, column video_id) "
                                           "selecting videos")
     annotations: str = opt("", "benchmark sources: directory of the annotation files as released")
-    split: str = opt("", "benchmark split name")
+    split: str = opt("", "benchmark sources: the split to shard (msrvtt: train9k, train7k, test1kA, trainfull, "
+                         "valfull, testfull; activitynet: train, val1; vatex: train, val, test, test1k5; the others: "
+                         "train, val, test). One sample per video with every caption; whole-video samples take "
+                         "plan.num_frames at plan.fps over the video")
     out: str = opt("", "output directory for the shards, sidecars, manifest.json and errors.jsonl")
     name: str = opt("shard", "shard file prefix: OUT/<name>-NNNNNN.tar")
     plan: PlanConfig = section(PlanConfig, "clips from timed captions, frame times per clip")
@@ -137,6 +154,13 @@ class ShardConfig:
         p.check(bool(self.videos), "videos", "videos is required: pass videos=DIR, the directory of the videos")
         p.check(self.source != "howto100m" or bool(self.captions), "captions",
                 "captions is required: pass captions=FILE, the caption.json")
+        splits = _benchmark_splits(self.source)
+        if splits is not None:
+            p.check(bool(self.annotations), "annotations",
+                    f"annotations is required for source={self.source}: pass annotations=DIR, the directory of its "
+                    "annotation files (docs/benchmarks.md lists them)")
+            p.check(self.split in splits, "split",
+                    f"split must be one of {', '.join(splits)} for source={self.source}, got {self.split!r}")
         p.check(bool(self.out), "out", "out is required: pass out=DIR, the directory for the shards")
         p.check(self.frame_size >= 8, "frame_size", f"frame_size must be at least 8, got {self.frame_size}")
         p.check(1 <= self.jpeg_quality <= 100, "jpeg_quality", f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")

@@ -13,7 +13,8 @@ is encoded as its shard sample and sized as a tar member would be (a 512-byte he
                    + per shard: the end-of-archive blocks, half a tar record of padding, its sidecar
     core_hours   = decode CPU seconds per clip * planned clips / 3600
 
-Clips of timed ASR tile their video, so the cost per clip stands for the cost per second of video. The decode cost
+Clips of timed ASR tile their video, so the cost per clip stands for the cost per second of video (a benchmark
+sample is a whole video or its span: the cost per sample is the cost per video). The decode cost
 of a video dominates (writing a shard is a copy); videos that fail to decode are counted as failures of the sample,
 not in the averages. The estimate is as good as the sample is typical: raise ``dry_run_videos`` for a tighter one.
 """
@@ -45,7 +46,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def estimate(cfg, stored) -> dict:
     from sharding.decode.video import ExtractError
-    from sharding.decode.worker import DecodeWorker
+    from sharding.decode.worker import DecodeWorker, decode_planned
 
     groups = stored.groups
     k = min(cfg.dry_run_videos, len(groups))
@@ -64,10 +65,10 @@ def estimate(cfg, stored) -> dict:
             try:
                 worker.ensure_started(path)
                 t0 = _cpu_seconds(worker.pid)
-                info, per_clip = worker.run(
-                    path, [(c.start, c.end, c.targets) for c in clips], timeout=cfg.video_timeout_s,
-                    frame_size=cfg.frame_size, center_crop=cfg.center_crop, jpeg_quality=cfg.jpeg_quality,
-                    threads=cfg.decoder_threads, decoder=cfg.decoder, end_tolerance=cfg.plan.end_tolerance_seconds)
+                info, clips, per_clip = decode_planned(
+                    worker, path, clips, timeout=cfg.video_timeout_s, frame_size=cfg.frame_size,
+                    center_crop=cfg.center_crop, jpeg_quality=cfg.jpeg_quality, threads=cfg.decoder_threads,
+                    decoder=cfg.decoder, end_tolerance=cfg.plan.end_tolerance_seconds)
                 cpu += _cpu_seconds(worker.pid) - t0
             except ExtractError as e:
                 failures.append(f"{vid}: {e.cls}")

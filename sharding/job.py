@@ -1,6 +1,7 @@
 """`ptrain shard`: Ray orchestration of plan -> decode -> shard writing. The only module that imports ray.
 
     ptrain shard videos=DIR|LIST captions=caption.json out=SHARDS [video_list=HowTo100M_v1.csv] [dry_run=true] ...
+    ptrain shard configs/shard/msvd.yaml annotations=DIR videos=DIR split=test out=SHARDS     # a benchmark split
     ray job submit --address http://127.0.0.1:8265 -- ptrain shard ... ray.address=auto
 
 1. The driver plans, streaming: the source yields one video at a time, its clips are packed into shard groups, and
@@ -44,8 +45,10 @@ from sharding.planstore import (
     videos_facts,
 )
 from sharding.sources import CaptionError, open_source
+from sharding.sources.benchmark import AnnotationError
 from sharding.write import (
     ForeignShardsError,
+    caption_counts,
     clip_sample,
     foreign_plan_message,
     resume_scan,
@@ -101,6 +104,8 @@ def decode_videos(group_file: str, start: int, stop: int, opts: dict, skip_shard
     samples)`` (two Ray objects: the driver reads only the small summary, the writer takes the samples)."""
     from sharding.decode.video import ExtractError
 
+    from sharding.decode.worker import decode_planned
+
     worker = _decode_worker()
     skip = set(skip_shards)
     samples: dict[int, list] = defaultdict(list)
@@ -110,15 +115,14 @@ def decode_videos(group_file: str, start: int, stop: int, opts: dict, skip_shard
         clips = [planned_clip(vid, row) for row in rows]
         clips_seen += len(clips)
         try:
-            info, per_clip = worker.run(
-                path, [(c.start, c.end, c.targets) for c in clips], timeout=opts["video_timeout_s"],
-                frame_size=opts["frame_size"], center_crop=opts["center_crop"], jpeg_quality=opts["jpeg_quality"],
-                threads=opts["decoder_threads"], decoder=opts["decoder"], end_tolerance=opts["end_tolerance_seconds"],
-            )
+            info, clips, results = decode_planned(
+                worker, path, clips, timeout=opts["video_timeout_s"], frame_size=opts["frame_size"],
+                center_crop=opts["center_crop"], jpeg_quality=opts["jpeg_quality"], threads=opts["decoder_threads"],
+                decoder=opts["decoder"], end_tolerance=opts["end_tolerance_seconds"])
         except ExtractError as e:
             errors.append(_error(vid, "decode", e.cls, e.message, clips=len(clips)))
             continue
-        for clip, result in zip(clips, per_clip):
+        for clip, result in zip(clips, results):
             if isinstance(result, ExtractError):
                 errors.append(_error(vid, "clip", result.cls, result.message, clip.clip_index, clip.key))
             elif clip.shard not in skip:
@@ -140,8 +144,11 @@ def write_group(group: int, shards: list[int], opts: dict, done: dict, *decoded:
     for shard in shards:
         stem = shard_stem(opts["name"], shard)
         if stem not in done:
-            sidecar = write_shard(out, stem, sorted(samples[shard]), {"plan_hash": opts["plan_hash"],
-                                                                       "versions": opts["versions"]})
+            items = sorted(samples[shard])
+            extra = {"plan_hash": opts["plan_hash"], "versions": opts["versions"]}
+            if opts.get("caption_counts"):  # benchmark shards: caption_sampling=expand plans from the sidecars
+                extra["captions"] = caption_counts(items)
+            sidecar = write_shard(out, stem, items, extra)
             written[stem] = summary(sidecar, shard_facts(out, stem))
     errors.sort(key=lambda e: (e["video_id"], e["clip_index"] if e["clip_index"] is not None else -1))
     record = {"group": group, "versions": opts["versions"], "errors": errors, "shards": written}
@@ -215,6 +222,8 @@ def _start_ray(cfg, lock_fd: int):
     """``(ray, local head or None, connected here)``: joins ``ray.address``, or starts a local Ray that dies with
     this driver; a Ray this process is already connected to is used as it is (and left connected)."""
     if not cfg.ray.address:
+        # Ray's single-machine mode: a local Ray keeps its 127.0.0.1 address, so it listens on loopback only
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if "ray" not in sys.modules:
             # Ray reads its authentication mode from the environment once, when it is imported: the local head
             # and this driver must agree, so decide it before the import (token authentication, Ray's default)
@@ -331,7 +340,7 @@ def run(cfg: ShardConfig) -> int:
         return 2
     try:
         return _run(cfg, out, lock)
-    except (CaptionError, FileNotFoundError, OutputError, ForeignShardsError, RayStartError) as e:
+    except (CaptionError, AnnotationError, FileNotFoundError, OutputError, ForeignShardsError, RayStartError) as e:
         print(f"ptrain shard: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full or read-only disk: one line, and a rerun that completes once it is fixed
@@ -411,7 +420,8 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
     opts = {"out": str(out.resolve()), "name": cfg.name, "plan_hash": phash, "versions": live.versions,
             "frame_size": cfg.frame_size, "center_crop": cfg.center_crop, "jpeg_quality": cfg.jpeg_quality,
             "decoder_threads": cfg.decoder_threads, "decoder": cfg.decoder,
-            "video_timeout_s": cfg.video_timeout_s, "end_tolerance_seconds": cfg.plan.end_tolerance_seconds}
+            "video_timeout_s": cfg.video_timeout_s, "end_tolerance_seconds": cfg.plan.end_tolerance_seconds,
+            "caption_counts": cfg.source != "howto100m"}
     window = cfg.ray.window or max(2, int(2 * ray.cluster_resources().get("CPU", 1) / cfg.ray.cpus_per_task))
     live.window = window
     decode_remote = ray.remote(decode_videos).options(num_cpus=cfg.ray.cpus_per_task, max_retries=2, num_returns=2)

@@ -88,7 +88,10 @@ def _keeper(argv: list[str]) -> int:
     cmd = [ray_bin, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
            "--include-dashboard", "false", "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
            *[f"--{k}={v}" for k, v in ports.items()], *argv]
-    env = dict(os.environ, DASHBOARD_METRIC_PORT=str(_free_port()), AUTOSCALER_METRIC_PORT=str(_free_port()))
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray's single-machine mode, where it keeps the 127.0.0.1 node address
+    # instead of swapping in the machine's routable one, so its servers listen on loopback only
+    env = dict(os.environ, DASHBOARD_METRIC_PORT=str(_free_port()), AUTOSCALER_METRIC_PORT=str(_free_port()),
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     started = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=env)
     if started.returncode != 0:
@@ -103,7 +106,25 @@ def _keeper(argv: list[str]) -> int:
         pass
     finally:
         _kill_session()
+        _forget_address(f"127.0.0.1:{port}")
     return 0
+
+
+def _address_file() -> Path:
+    """Where ``ray start`` records the newest local cluster (what a bare ``ray.init()`` joins)."""
+    tmp = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    return Path(tmp or "/tmp") / "ray" / "ray_current_cluster"
+
+
+def _forget_address(address: str) -> None:
+    """``ray stop`` removes the address file; killing the session does not. Left behind, it points a later bare
+    ``ray.init()`` (the user's, or another tool's) at this dead cluster. Removed only while it still names ours."""
+    path = _address_file()
+    try:
+        if path.read_text().strip() == address:
+            path.unlink()
+    except OSError:
+        pass
 
 
 class LocalRay:

@@ -9,6 +9,13 @@ only I/O is listing the videos (``index_videos``).
     clips = plan_video(record.video_id, record.segments, cfg.plan)  # [PlannedClip], keys and frame times
     times = clip_frame_times(start, end, num_frames=12)             # target timestamps in seconds
     for group in pack_groups(stream_of_(video_id, rows), max_samples_per_shard, shards_per_task): ...
+    clip = place_clip(planned_clip(vid, row), duration)             # a benchmark sample on its video's duration
+
+Two kinds of record (``sharding.sources.VideoRecord``): timed ASR segments are cut into clips (``clip_rows``); a
+benchmark record is one sample (``benchmark_row``) holding every caption of the video, over its ``span`` or the
+whole video. The length of a whole video is known only when its file is opened, so its row holds a marker (end and
+frame times None) that the decode task resolves from the header's duration (``place_clip``): the plan stays a pure
+function of the annotations and the settings.
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ import json
 import math
 import operator
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ptrain.data.format import sanitize_id
 from sharding.sources import Segment, VideoRecord
 
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
+# in order of preference when one id has several files (the benchmarks' originals: MSVD .avi, DiDeMo .mov/.3gp/...)
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".3gp", ".wmv", ".mpg", ".mpeg", ".flv")
 
 
 @dataclass
@@ -379,24 +387,28 @@ class PlannedClip:
     clip_index: int
     key: str
     start: float
-    end: float
+    end: float | None  # None: a benchmark sample over the whole video, placed on its duration at decode time
     text: str
     segments: list[dict]
-    targets: list[float]
+    targets: list[float] | None  # None with ``end``: computed when the video's duration is known
     shard: int = -1
+    bench: dict | None = None  # a benchmark sample's fields (BENCH_ROW); None for an ASR clip
 
 
 # A planned clip as the plan files store it (compact; ``PlannedClip`` is its readable form):
 #   [clip_index, shard, start, end, text, [[seg_start, seg_end, seg_text], ...], [target times]]
+# A benchmark sample has an eighth field, a dict: "captions" (every caption, the annotation file's order), "split",
+# "span" ([start, end] or None: the whole video), "sampling" ([num_frames, sampling, fps, slice]: how its frame
+# times are made once the video's duration is known), and when the record has them "sentences" ([[start, end, text]])
+# and "meta" (the record's extra JSON fields). A whole-video sample has start 0 and end and frame times None.
 ROW_INDEX, ROW_SHARD, ROW_TARGETS = 0, 1, 6
 
 
 def plan_record(record: VideoRecord, plan_cfg) -> list[list]:
-    """The clip rows of one source record, cut from its timed ``segments`` (HowTo100M-style ASR)."""
+    """The rows of one source record: clips cut from its timed ``segments`` (HowTo100M-style ASR), or the one
+    sample of a benchmark record (``captions``, optionally a ``span`` and ``sentences``); [] when it has no text."""
     if not record.segments and (record.captions or record.sentences or record.span is not None):
-        # benchmark records (one sample per video with all its captions) get their own planner in a later step
-        raise NotImplementedError(f"video {record.video_id!r}: a benchmark record (captions/span, no timed "
-                                  "segments); this ptrain plans only timed ASR segments (source howto100m)")
+        return [benchmark_row(record, plan_cfg)] if record.captions else []
     return clip_rows(record.segments, plan_cfg)
 
 
@@ -479,12 +491,58 @@ def _round6(x) -> list[float]:
     return values
 
 
+def benchmark_row(record: VideoRecord, plan_cfg) -> list:
+    """The one sample of a benchmark record (``record.captions`` non-empty) as a plan row: its first caption is the
+    training text; over ``record.span`` (frame times planned now; the span is cut at the video's end when it is
+    decoded) or, with no span, the whole video (a marker: start 0, end and frame times None, ``place_clip``)."""
+    sampling = [plan_cfg.num_frames, plan_cfg.sampling, plan_cfg.fps, plan_cfg.slice]
+    bench: dict = {"captions": list(record.captions), "split": record.split, "sampling": sampling,
+                   "span": [round(record.span[0], 6), round(record.span[1], 6)] if record.span is not None else None}
+    if record.sentences:
+        bench["sentences"] = [[round(s[0], 6), round(s[1], 6), s[2]] for s in record.sentences]
+    if record.meta:
+        bench["meta"] = dict(record.meta)
+    if record.span is None:
+        return [0, -1, 0.0, None, record.captions[0], [], None, bench]
+    start, end = bench["span"]
+    return [0, -1, start, end, record.captions[0], [], _frame_times(start, end, sampling), bench]
+
+
+def _frame_times(start: float, end: float, sampling: list) -> list[float]:
+    num_frames, mode, fps, slice_ = sampling
+    return [round(t, 6) for t in clip_frame_times(start, end, num_frames=num_frames, sampling=mode, fps=fps,
+                                                  slice=slice_)]
+
+
+def planned_frames(row: list) -> int:
+    """Frames a plan row asks for; a whole-video sample counts its most (its length is not known yet)."""
+    return len(row[ROW_TARGETS]) if row[ROW_TARGETS] is not None else row[7]["sampling"][0]
+
+
+def place_clip(clip: PlannedClip, duration: float) -> PlannedClip | str:
+    """A benchmark sample placed on its video, ``duration`` seconds long (the header's): a whole-video sample
+    becomes [0, duration] with its frame times (1/fps, at most num_frames, spread by ``slice``, as planned for a
+    clip); a span that runs past the end is cut there (CLIP4Clip reads a span up to min(end, duration): DiDeMo's
+    30 s of a shorter video). A span that starts at or after the end gives the message saying so instead. An ASR
+    clip, or a span inside the video, is returned unchanged."""
+    if clip.bench is None or (clip.end is not None and clip.end <= duration):
+        return clip
+    if not math.isfinite(duration):
+        raise ValueError(f"video {clip.video_id!r}: place_clip needs a finite duration, got {duration!r}")
+    if clip.start >= duration:
+        what = f"span [{clip.start:.2f}, {clip.end:.2f}] s" if clip.end is not None else "the whole video"
+        return f"{what} starts at or after the video's end ({duration:.2f} s)"
+    end = round(duration, 6)
+    return replace(clip, end=end, targets=_frame_times(clip.start, end, clip.bench["sampling"]))
+
+
 def planned_clip(video_id: str, row: list, key_stem: str | None = None) -> PlannedClip:
     """The readable form of a plan row (``key_stem``: ``sanitize_id(video_id)``, when the caller has it)."""
-    i, shard, start, end, text, segs, targets = row
+    i, shard, start, end, text, segs, targets, *bench = row
     stem = key_stem if key_stem is not None else sanitize_id(video_id)
     return PlannedClip(video_id, i, f"{stem}_{i:04d}", start, end, text,
-                       [{"start": a, "end": b, "text": t} for a, b, t in segs], targets, shard)
+                       [{"start": a, "end": b, "text": t} for a, b, t in segs], targets, shard,
+                       bench[0] if bench else None)
 
 
 def plan_video(video_id: str, segments: list[Segment], plan_cfg) -> list[PlannedClip]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 import os
 import re
 import shutil
@@ -36,7 +35,7 @@ from typing import Any, Iterator
 import orjson
 
 from ptrain.data.format import sanitize_id
-from sharding.plan import ROW_TARGETS, VideoIndex, pack_groups, plan_record
+from sharding.plan import VIDEO_EXTENSIONS, VideoIndex, pack_groups, plan_record, planned_frames
 from sharding.sources import CaptionError, file_facts
 from sharding.write import write_atomic
 
@@ -127,7 +126,6 @@ def reusable_plan(state: Path, key: str) -> StoredPlan | None:
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_TARGETS = operator.itemgetter(ROW_TARGETS)
 
 
 def plan_line(video_id: str, rows: list[list]) -> bytes:
@@ -176,6 +174,7 @@ def _build(cfg, source, index, plans: Path, tmp: Path, key: str, inputs: dict) -
     key_owner: dict[str, str] = {}  # key stem -> video id, only for stems that two ids could share
     paths: dict[str, str] = {}  # video id -> file, for the videos of the group being filled
     where = cfg.captions or cfg.annotations
+    extensions = "|".join(e[1:] for e in VIDEO_EXTENSIONS)
     errors = (tmp / "plan-errors.jsonl").open("w", encoding="utf-8")
 
     def record_error(e: dict) -> None:
@@ -192,11 +191,16 @@ def _build(cfg, source, index, plans: Path, tmp: Path, key: str, inputs: dict) -
                 continue
             rows = plan_record(record, cfg.plan)
             if not rows:
-                record_error(_error(vid, "no_clips", f"{vid}: no caption segment with text"))
+                record_error(_error(vid, "no_clips", f"{vid}: no caption segment with text"
+                                    if cfg.source == "howto100m" else f"{vid}: no caption"))
                 continue
+            # a benchmark's files are named by its file id (ActivityNet without the v_, DiDeMo without the
+            # extension), but some copies keep the id as the annotations spell it: either one is found
+            names = (stem, vid) if stem != vid else (stem,)
+            stem = next((n for n in names if n in index.found), stem)
             path = index.found.get(stem)
             if path is None:
-                record_error(_error(vid, "missing", f"{vid}: no {stem}.<mp4|webm|mkv|avi|mov|m4v> under "
+                record_error(_error(vid, "missing", f"{vid}: no {' or '.join(names)}.<{extensions}> under "
                                                     f"{cfg.videos}", clips=len(rows)))
                 continue
             if stem in index.duplicates:
@@ -221,7 +225,7 @@ def _build(cfg, source, index, plans: Path, tmp: Path, key: str, inputs: dict) -
                     payload = plan_line(vid, rows)
                     h.update(payload)
                     f.write(b"[" + _dumps(paths.pop(vid)).encode() + b"," + payload + b"]\n")
-                    frames += sum(map(len, map(_TARGETS, rows)))
+                    frames += sum(map(planned_frames, rows))
             groups.append([group.first_shard, group.num_shards, len(group.videos), group.clips, frames])
     phash = h.hexdigest()
     manifest = {

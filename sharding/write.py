@@ -283,11 +283,27 @@ def resume_scan(out: Path, groups: list[tuple[int, list[str]]], records: dict[in
 
 
 def clip_sample(clip, info, frames: list) -> tuple[str, dict[str, bytes]]:
-    """One clip as the members of a shard sample (``ptrain.data.format``): its caption is the clip's text."""
+    """One planned clip as the members of a shard sample (``ptrain.data.format``). An ASR clip's caption is its
+    text; a benchmark sample (``clip.bench``) holds every caption of its video (the first is KEY.txt), its ``split``,
+    ``span`` (null: the whole video), paragraph ``sentences`` and the record's extra fields (one whose name a
+    sample field already has is kept as ``annotation_<name>``: ActivityNet's annotated ``duration``)."""
     meta = {
         "video_id": clip.video_id, "clip_index": clip.clip_index, "start": clip.start, "end": clip.end,
-        "text": clip.text, "captions": [clip.text], "segments": clip.segments,
         "frame_times": [pts for pts, _ in frames], "target_times": clip.targets, "fps": round(info.fps, 6),
         "width": info.width, "height": info.height, "duration": round(info.duration, 6),
     }
+    bench = clip.bench
+    if bench is None:
+        meta.update(text=clip.text, captions=[clip.text], segments=clip.segments)
+    else:
+        meta.update(text=bench["captions"][0], captions=bench["captions"], split=bench["split"], span=bench["span"])
+        if bench.get("sentences"):
+            meta["sentences"] = [{"start": a, "end": b, "text": t} for a, b, t in bench["sentences"]]
+        taken = set(meta) | {"key", "format_version", "segments", "sentences"}
+        meta.update({(f"annotation_{k}" if k in taken else k): v for k, v in bench.get("meta", {}).items()})
     return clip.key, encode_sample(clip.key, meta, [jpg for _pts, jpg in frames])
+
+
+def caption_counts(samples: list[tuple[str, dict[str, bytes]]]) -> list[int]:
+    """Captions of each sample (``(key, members)``, in the order given): the sidecar's ``captions``."""
+    return [len(json.loads(members["json"])["captions"]) for _key, members in samples]

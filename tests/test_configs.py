@@ -45,10 +45,14 @@ def test_shipped_config_validates(path):
     cls = _class_for(path)
     if cls is None:
         pytest.skip(f"no verb known for {path.relative_to(CONFIGS)}")
-    # keys a recipe leaves to the command line (where the data lives) get placeholders
-    placeholders = {"ShardConfig": {"videos": "/in/videos", "captions": "/in/caption.json", "out": "/out"},
+    # keys a recipe leaves to the command line (where the data lives) get placeholders; a benchmark's split is the
+    # one of the first command its header gives
+    placeholders = {"ShardConfig": {"videos": "/in/videos", "captions": "/in/caption.json", "out": "/out",
+                                    "annotations": "/in/annotations"},
                     "FinetuneConfig": {"init": "ViT-B/32"}}
     extra = [f"{k}={v}" for k, v in placeholders.get(cls.__name__, {}).items() if k not in data]
+    if cls.__name__ == "ShardConfig":
+        extra += [a for a in (_header_commands(path)[:1] or [[]])[0] if a.startswith("split=")]
     cfg = load_config(cls, path, extra)
     if cls is PretrainConfig:
         from ptrain.engine import deepspeed_config
@@ -56,6 +60,45 @@ def test_shipped_config_validates(path):
         ds = deepspeed_config(cfg.engine, world_size=8)
         assert ds["train_batch_size"] == cfg.engine.micro_batch_size * cfg.engine.grad_accum * 8
         assert cfg.model.max_words <= 77 and cfg.data.sources
+
+
+def _header_commands(path: Path) -> list[list[str]]:
+    """The ``ptrain shard`` commands of a config's header comment, as argument lists (after the config path)."""
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        words = line[1:].split()
+        if words[:2] == ["ptrain", "shard"] and len(words) > 2 and words[2].endswith(".yaml"):
+            out.append(words[3:])
+    return out
+
+
+BENCHMARKS = {"msrvtt": 12, "msvd": 12, "lsmdc": 12, "activitynet": 64, "didemo": 64, "vatex": 12}
+
+
+@pytest.mark.parametrize("bench", BENCHMARKS)
+def test_benchmark_shard_configs_run_the_commands_of_the_finetune_recipes(bench):
+    """configs/shard/<bench>.yaml opens with the shard commands of configs/finetune/base_<bench>.yaml (one per split);
+    each validates with its split, and the config stores the recipe's frames at 1 fps, short side 224."""
+    from sharding.config import ShardConfig
+
+    path = CONFIGS / "shard" / f"{bench}.yaml"
+    commands = _header_commands(path)
+    base = CONFIGS / "finetune" / f"base_{bench}.yaml"
+    assert commands and commands == _header_commands(base)
+    assert f"plan.fps=2 plan.num_frames={2 * BENCHMARKS[bench]}" in path.read_text()  # how to store 2x frames
+    finetune = yaml.safe_load(base.read_text())
+    outs = {a.split("=", 1)[1] for cmd in commands for a in cmd if a.startswith("out=")}
+    assert set(finetune["test"]) | set(finetune["data"]["sources"]) | set(finetune["data"]["eval_sources"]) <= outs
+    for cmd in commands:
+        args = [a.replace("=DIR", "=/in/dir") for a in cmd]
+        cfg = load_config(ShardConfig, path, args)
+        assert (cfg.source, cfg.split) == (bench, dict(a.split("=", 1) for a in cmd)["split"])
+        assert (cfg.plan.num_frames, cfg.plan.fps, cfg.plan.sampling, cfg.plan.slice, cfg.frame_size) == \
+            (BENCHMARKS[bench], 1.0, "fps", "uniform", 224)
+    with pytest.raises(ConfigError, match=rf"split must be one of .* for source={bench}, got 'nope'"):
+        load_config(ShardConfig, path, ["annotations=/a", "videos=/v", "out=/o", "split=nope"])
 
 
 def test_recipes_use_the_seed_settings():

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from net import free_port
+from ptrain.distributed import destroy
 from ptrain.loss import build_loss, contrastive_loss, multi_positive_nce, pairwise_loss
 
 
@@ -149,7 +150,7 @@ def _worker(rank, world, port, out_path):
         if rank == 0:
             torch.save(results, out_path)
     finally:
-        dist.destroy_process_group()
+        destroy()  # a barrier first: a rank leaving early made gloo abort its peer
 
 
 def _spawn(target, tmp_path):
@@ -204,7 +205,7 @@ def _loss_worker(rank, world, port, out_path):
         if rank == 0:
             torch.save(results, out_path)
     finally:
-        dist.destroy_process_group()
+        destroy()  # a barrier first: a rank leaving early made gloo abort its peer
 
 
 def test_two_gloo_ranks_loss_equals_one_process(tmp_path):

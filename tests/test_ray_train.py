@@ -195,7 +195,7 @@ def test_submit_is_idempotent_jobs_list_logs_stop_with_token_auth_on_loopback(sa
         rerun = _shard(cluster, sample_corpus, out, "--resubmit", "--follow")
         assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
         assert _submitted_id(rerun) == f"{job_id}-2"
-        assert re.search(r"\d+ shards already committed, 0/\d+ shard groups to run", rerun.stdout), rerun.stdout
+        assert re.search(r"\d+ shards already committed \(0 re-hashed, [\d.]+ s\), 0/\d+ shard groups to run", rerun.stdout), rerun.stdout
         assert json.loads((out / "manifest.json").read_text())["samples"] == manifest["samples"]
 
         # a long fine-tune (keys only, no config file): while its Ray Train workers run, every listening socket is on

@@ -5,9 +5,11 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -239,8 +241,11 @@ def test_a_killed_driver_takes_its_local_ray_with_it(corpus, tmp_path):
     out = tmp_path / "out"
     commit_log = tmp_path / "commits.log"
     cmd = [sys.executable, "-m", "ptrain", "shard", *shard_args(corpus, out), "ray.num_cpus=1"]
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live under it
+    address_file = ray_tmp / "ray" / "ray_current_cluster"  # what a later bare ray.init() would join
     slow_env = {**os.environ, "PTRAIN_TEST_COMMIT_DELAY_S": "30", "PTRAIN_TEST_COMMIT_LOG": str(commit_log),
-                "PYTHONPATH": os.pathsep.join([str(SLOW_HOOK), *filter(None, [os.environ.get("PYTHONPATH")])])}
+                "PYTHONPATH": os.pathsep.join([str(SLOW_HOOK), *filter(None, [os.environ.get("PYTHONPATH")])]),
+                "RAY_TMPDIR": str(ray_tmp)}
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=slow_env)
     keeper = None
@@ -251,16 +256,19 @@ def test_a_killed_driver_takes_its_local_ray_with_it(corpus, tmp_path):
         assert _lines(commit_log), "no shard was committed in time"
         keeper = json.loads((out / "progress.json").read_text())["local_ray"]["session"]
         assert len(session_pids(keeper)) > 3  # the keeper, gcs, raylet, agents, workers
+        assert address_file.read_text().startswith("127.0.0.1:")
         os.kill(proc.pid, 9)  # the driver alone: what `kill -9` of a user's `ptrain shard` does
         proc.wait()
         deadline = time.time() + 60  # the keeper's grace is 5 s; a loaded machine gets more
         while time.time() < deadline and session_pids(keeper):
             time.sleep(0.2)
         assert session_pids(keeper) == [], "Ray processes outlived the killed driver"
+        assert not address_file.exists(), "the dead cluster's address was left for a later ray.init() to join"
     finally:
         kill_session(proc.pid)
         if keeper is not None:
             kill_session(keeper)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_hung_decoder_is_killed_and_the_job_goes_on(corpus, tmp_path):

@@ -8,6 +8,7 @@ their per-step losses can be compared with the uninterrupted ZeRO-2 run.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -85,13 +86,22 @@ def zero2(setup):
     run = setup["root"] / "zero2"
     proc = _launch(setup["config"], f"run_dir={run}")
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return run, proc.stderr
+    return run, proc.stderr, proc.stdout
+
+
+def test_no_shared_memory_left_behind(zero2):
+    """DeepSpeed's CPU shared-memory all-reduce is not started (its /dev/shm segments were never removed and its
+    JIT build's lock, left by a killed rank, hung every later run)."""
+    run, log, out = zero2
+    port = re.search(r"master 127\.0\.0\.1:(\d+)", log).group(1)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert "shm_comm" not in log + out  # DeepSpeed says "... deepspeed_shm_comm_op built successfully" when it loads it
 
 
 def test_zero2_two_ranks_loss_falls_and_export_loads(zero2):
     import ptrain
 
-    run, log = zero2
+    run, log, _ = zero2
     assert "ZeRO-2 fp32 on 2 rank(s)" in log and "negatives per query 7" in log
     losses = _losses(run)
     assert sorted(losses) == list(range(1, STEPS + 1))

@@ -37,6 +37,10 @@ from ptrain.data.sample import Batch, ClipSpec, SampleMissing, choose_caption, d
 from ptrain.data.shards import Shard, TarIndex, index_tar, read_sample, read_sidecar, read_span
 
 
+class DataUnreadable(RuntimeError):
+    """Training cannot go on: every sample tried for one position (and its substitutes) was unreadable."""
+
+
 class ShardReader:
     """Per-worker open tar files and how to find a sample in each (LRU), opened lazily after the fork.
 
@@ -220,9 +224,10 @@ class TrainStream(IterableDataset):
                 sid, k = plan.substitute(index, attempt)
                 stats["samples_substituted"] += 1
             else:
-                raise RuntimeError(
-                    f"{self.cfg.max_substitutes} substitutes in a row for global sample {index} were unreadable: "
-                    "most of this shuffle block is damaged; check the shards (see loader.stats) or re-shard"
+                raise DataUnreadable(
+                    f"data.sources: global sample {index} and {self.cfg.max_substitutes} substitutes in a row were "
+                    f"unreadable (in shards such as {self.shards[sid].path}; {dict(stats)}): the shards' JSON or "
+                    "JPEGs are damaged throughout; re-shard them or point data.sources at readable shards"
                 )
         out = batch.finish()
         out["step"], out["micro_step"] = m // self.accum, m % self.accum

@@ -29,7 +29,7 @@ import numpy as np
 
 from ptrain.data import jpeg
 from ptrain.data.sample import SampleError, choose_caption, decode_clip, worker_slot
-from ptrain.data.seekable import TrainStream, batch_stats
+from ptrain.data.seekable import DataUnreadable, TrainStream, batch_stats
 from ptrain.data.shards import Shard, iter_tar_stream, open_stream, read_stream_sidecar
 
 
@@ -72,11 +72,22 @@ class StreamTrainStream(TrainStream):
                     yield e, j, int(slots[j])
 
     def _samples(self, plan, me: int, streams: int, stats: Counter):
-        """(augmentation seed, key, members) of this stream's shards, in order; a failed stream is counted."""
+        """(augmentation seed, key, members) of this stream's shards, in order; a failed stream is counted.
+        DataUnreadable when a whole epoch of this stream's shards yields nothing (it would loop forever)."""
+        first = current = self.start_sample // plan.epoch_size
+        got = False
         for e, j, sid in self._my_shards(plan, me, streams):
+            if e != current:
+                if current != first and not got:
+                    raise DataUnreadable(
+                        f"data.sources: no sample could be read from any shard of this stream in epoch {current} "
+                        f"(e.g. {self.shards[sid].path}; {dict(stats)}): re-shard them or point data.sources at "
+                        "readable shards")
+                current, got = e, False
             try:
                 with open_stream(self.shards[sid].path) as f:
                     for i, (key, members) in enumerate(iter_tar_stream(f, stats)):
+                        got = True
                         yield (self.seed, e, j, i), key, members
             except (OSError, ValueError):  # the stream itself failed (pipe exit status, HTTP error)
                 stats["shards_unreadable"] += 1
@@ -89,6 +100,11 @@ class StreamTrainStream(TrainStream):
         buffer: list[tuple[tuple[int, ...], str, dict[str, bytes]]] = []  # shuffle buffer of encoded samples
         stats: Counter = Counter()  # one object for the whole run: iter_tar_stream adds to it too
         batch, filled, m = self.new_batch(), 0, self.start_step * self.accum + wid
+        # Undecodable samples in a row beyond two epochs of this stream (plus the buffer) mean that none of its
+        # samples decodes: every good one would have come round (shuffling only delays it by the buffer).
+        slots, _ = plan.epoch_layout(self.start_sample // plan.epoch_size)
+        mine = sum(self.shards[int(sid)].samples for j, sid in enumerate(slots) if j % streams == me)
+        limit, bad_run = max(2 * mine + 8 * self.micro, self.cfg.max_substitutes), 0
         for item in self._samples(plan, me, streams, stats):
             buffer.append(item)
             if len(buffer) < 8 * self.micro:
@@ -100,7 +116,14 @@ class StreamTrainStream(TrainStream):
             except (SampleError, jpeg.JpegError):  # skipped: the next buffered sample takes the row
                 stats["samples_corrupt"] += 1
                 batch.blank(filled)
+                bad_run += 1
+                if bad_run > limit:
+                    raise DataUnreadable(
+                        f"data.sources: none of the last {bad_run} samples of this stream decoded (two whole passes "
+                        f"over its shards; {dict(stats)}): the shards' JSON or JPEGs are damaged throughout; re-shard "
+                        "them or point data.sources at readable shards") from None
                 continue
+            bad_run = 0
             sample.key = key
             batch.fill(filled, sample, n, -1, choose_caption(self.cfg.caption_sampling, sample, self.seed, seed[1]))
             filled += 1

@@ -27,6 +27,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 HEADS = HEAD_NAMES
 NAMED_SIZES = ("tiny", "ViT-B/32", "ViT-B/16", "ViT-L/14")
+# The frame side of a named backbone must split into whole patches (ptrain/model/clip.py: tiny cuts a 4x4 grid)
+NAMED_PATCH = {"tiny": 4, "ViT-B/32": 32, "ViT-B/16": 16, "ViT-L/14": 14}
 
 
 @dataclass
@@ -67,6 +69,11 @@ class ModelConfig:
     logit_scale_init: float = opt(0.0, "initial logit scale (the multiplier, not its log); 0 = from the checkpoint, or 1/0.07 at random init")
     max_logit_scale: float = opt(100.0, "the logit scale is clamped to at most this, inside forward and after each training step")
     grad_checkpointing: bool = opt(False, "recompute CLIP encoder layers in backward to save activation memory")
+    mask_ratio: float = opt(
+        0.0, "training only: drop this fraction of each frame's patch tokens before CLIP's vision transformer "
+        "(FLIP/UMT-style; the class token is always kept; evaluation and exports use every token); 0 = off")
+    mask_mode: Literal["frame", "tube"] = opt(
+        "frame", "mask_ratio > 0: draw the kept patches per frame, or one set per clip shared by its frames (tube)")
     tokenizer: str = opt("", "tokenizer vocabulary: '' = the CLIP BPE file shipped in ptrain/model/, or a HF tokenizer dir")
 
     def __post_init__(self):
@@ -76,6 +83,14 @@ class ModelConfig:
         p.check(self.max_words <= 77, "max_words",
                 f"max_words is {self.max_words} but CLIP's text position table has 77 rows; use at most 77")
         p.check(self.frame_size >= 8, "frame_size", f"frame_size must be at least 8 pixels, got {self.frame_size}")
+        patch = NAMED_PATCH.get(self.clip)
+        if patch and self.frame_size >= 8:
+            what = "splits frames into a 4x4 grid of patches" if self.clip == "tiny" else f"has {patch}-pixel patches"
+            fits = [self.frame_size - self.frame_size % patch, self.frame_size - self.frame_size % patch + patch]
+            p.check(self.frame_size % patch == 0, "frame_size",
+                    f"clip={self.clip} {what}, so frame_size must be a multiple of {patch}; got {self.frame_size} "
+                    f"(e.g. {' or '.join(str(f) for f in fits if f >= 8)}; shard with the same frame_size)",
+                    also=("clip",))
         p.check(self.cross_layers >= 1, "cross_layers", f"cross_layers must be at least 1, got {self.cross_layers}")
         spec = head_spec(self.head)
         if spec.alignment:
@@ -98,7 +113,45 @@ class ModelConfig:
         p.check(self.logit_scale_init >= 0, "logit_scale_init",
                 f"logit_scale_init must be >= 0 (0 = default), got {self.logit_scale_init}")
         p.check(self.max_logit_scale > 0, "max_logit_scale", f"max_logit_scale must be > 0, got {self.max_logit_scale}")
+        p.check(0.0 <= self.mask_ratio < 1.0, "mask_ratio",
+                f"mask_ratio must lie in [0, 1) (the fraction of patch tokens dropped in training), got {self.mask_ratio}")
         p.raise_any()
+
+    def kept_patches(self, patches: int, mask_ratio: float | None = None) -> int:
+        """Patch tokens per frame that training keeps out of ``patches`` at ``mask_ratio`` (None = this config's):
+        ``floor(patches * (1 - ratio))``, at least 1 (FLIP's count; the class token comes on top)."""
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"mask ratio must lie in [0, 1), got {ratio}")
+        return max(1, int(patches * (1.0 - ratio) + 1e-9))
+
+
+def backbone_problem(cfg: ModelConfig) -> str | None:
+    """What can be told about ``cfg.clip`` without building it (no torch): a path that does not exist, or a local
+    Hugging Face CLIP directory whose image size is not ``frame_size``. None when nothing is wrong (or a hub id)."""
+    import json
+    import os
+
+    name = cfg.clip
+    if name in NAMED_PATCH:
+        return None
+    if name.endswith(".pt") or name.startswith((".", "/", "~")):
+        if not os.path.exists(os.path.expanduser(name)):
+            return (f"model.clip={name!r} does not exist; give an existing OpenAI .pt file or Hugging Face CLIP "
+                    f"directory, or a named size ({', '.join(NAMED_SIZES)})")
+    config = os.path.join(os.path.expanduser(name), "config.json")
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config) as f:
+            vision = json.load(f).get("vision_config") or {}
+        image, patch = int(vision.get("image_size", 224)), int(vision.get("patch_size", 32))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        return f"model.clip={name!r}: {config} is not a readable CLIP config ({e})"
+    if image != cfg.frame_size:
+        return (f"model.clip={name!r} takes {image}x{image} frames ({patch}-pixel patches) but model.frame_size="
+                f"{cfg.frame_size}; set model.frame_size={image} (and shard with the same frame size)")
+    return None
 
 
 @dataclass

@@ -5,6 +5,7 @@
     model = build_model(ModelConfig(clip="tiny", head="seqTransf", frame_size=32))
     out = model(frames_BTCHW, frame_mask_BT, input_ids_BL, attention_mask_BL)   # features (see forward)
     loss, stats = build_loss(model.cfg)(out, group_ids_B)                         # the step computes the loss
+    out = model(..., token_keep=keep_BTK)   # training with token masking: kept patch positions (ptrain.masking)
 
     text_N = model.encode_text(["a dog runs"])              # or ids [N, L] (+ attention_mask)
     video_M = model.encode_video(frames_BTCHW, frame_mask_BT)
@@ -128,8 +129,21 @@ class VideoTextModel(nn.Module):
     def _param_dtype(self) -> torch.dtype:
         return self.clip.visual_projection.weight.dtype
 
-    def frame_features(self, frames_BTCHW: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per frame (N, without the class token) on the full grid."""
+        vc = self.clip.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
+    def frame_features(self, frames_BTCHW: torch.Tensor, frame_mask: torch.Tensor | None = None,
+                       token_keep: torch.Tensor | None = None) -> torch.Tensor:
         """CLIP image features of every frame -> [B, T, D] (padded frames are encoded too).
+
+        ``token_keep`` (training's token masking, ``ptrain.masking``): LongTensor [B, T, K] (or [B, 1, K], one set
+        per clip) of the patch positions 0..N-1 each frame keeps; the vision transformer then runs on the class
+        token + those K tokens only. The embeddings (2D or 3D patch) are computed on the full grid and their
+        full-grid position embeddings added before the kept tokens are gathered, so a kept token carries the
+        position it has in an unmasked forward. None = every token (evaluation, exports).
 
         ``frames_BTCHW``: uint8 RGB (normalised here with CLIP's mean/std) or floats already
         normalised. ``frame_mask`` [B, T] (1 = real frame): padded frames are set to exactly 0 in
@@ -163,9 +177,24 @@ class VideoTextModel(nn.Module):
             h = vm.embeddings(x, num_frames=T)
         else:
             h = vm.embeddings(x)
+        if token_keep is not None:
+            h = self._keep_tokens(h, token_keep, B, T)
         h = vm.encoder(inputs_embeds=vm.pre_layrnorm(h)).last_hidden_state
         pooled = vm.post_layernorm(h[:, 0])
         return self.clip.visual_projection(pooled).view(B, T, -1)
+
+    def _keep_tokens(self, h_BT_ND: torch.Tensor, keep: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """[B*T, 1+N, W] embeddings -> [B*T, 1+K, W]: the class token, then the kept patch tokens of each frame."""
+        N = h_BT_ND.shape[1] - 1
+        if keep.dim() != 3 or keep.shape[0] != B or keep.shape[1] not in (1, T) or not 1 <= keep.shape[2] <= N:
+            raise ValueError(f"token_keep must be [B, T, K] or [B, 1, K] = [{B}, {T} or 1, 1..{N}] patch positions, "
+                             f"got shape {tuple(keep.shape)}.")
+        if keep.dtype != torch.long:
+            raise ValueError(f"token_keep must be a LongTensor of patch positions, got {keep.dtype}.")
+        keep_BTK = keep.to(h_BT_ND.device).expand(B, T, keep.shape[2]).reshape(B * T, -1)
+        # position 0 is the class token: always kept, first
+        idx = torch.cat([keep_BTK.new_zeros(B * T, 1), keep_BTK + 1], dim=1)
+        return h_BT_ND.gather(1, idx.unsqueeze(-1).expand(-1, -1, h_BT_ND.shape[-1]))
 
     def text_features(self, input_ids_BL: torch.Tensor, all_tokens: bool = False):
         """EOT features [B, D] (the highest id marks EOT), and with ``all_tokens`` every token [B, L, D]."""
@@ -187,15 +216,22 @@ class VideoTextModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # training
 
-    def forward(self, frames, frame_mask, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+    def forward(self, frames, frame_mask, input_ids, attention_mask, token_keep=None) -> dict[str, torch.Tensor]:
         """The training forward: the features the loss needs (``ptrain.loss.build_loss`` computes the loss).
+
+        ``token_keep``: the patch tokens each frame keeps (see ``frame_features``; the trainer draws them with
+        ``ptrain.masking.TokenMasker`` when ``model.mask_ratio > 0``). Training only: in eval mode it is refused,
+        so evaluation always sees every token.
 
         Loose heads: ``text`` and ``video`` [B, D], L2-normalised, and ``logit_scale`` (clamped, with gradient);
         with ``reverse_negatives`` also ``video_rev`` (every clip played backwards); TAB adds ``text_tab``,
         ``video_tab`` (and ``video_tab_rev``). Tight heads: ``logits`` [B, B], the cross encoder's score of every
         local (text, video) pair, and the unused ``logit_scale`` (detached)."""
+        if token_keep is not None and not self.training:
+            raise ValueError("token_keep (token masking) is for training only; evaluation uses every token: call "
+                             "model.train() first, or leave token_keep out.")
         # Heads run in the parameters' dtype (bf16 under DeepSpeed); the loss casts to fp32.
-        video_BTD = self.frame_features(frames, frame_mask)
+        video_BTD = self.frame_features(frames, frame_mask, token_keep)
         text_BD, tokens_BLD = self.text_features(input_ids, all_tokens=self.tab is not None)
         frame_mask = frame_mask.to(video_BTD.device)
         scale = self.logit_scale()
@@ -206,7 +242,10 @@ class VideoTextModel(nn.Module):
         if self.cfg.reverse_negatives:
             # every clip played backwards, a negative for its own caption: the head must read frame order
             if self.cfg.linear_patch == "3d":  # the 3D kernel mixes neighbouring frames: encode them again
-                rev_BTD = self.frame_features(reverse_clips(frames, frame_mask), frame_mask)
+                # a frame keeps its own patches when the clip is played backwards
+                rev_keep = token_keep if token_keep is None or token_keep.shape[1] == 1 else \
+                    reverse_clips(token_keep, frame_mask)
+                rev_BTD = self.frame_features(reverse_clips(frames, frame_mask), frame_mask, rev_keep)
             else:
                 rev_BTD = reverse_clips(video_BTD, frame_mask)
             out["video_rev"], rev_tab_BD = self._video_vectors(rev_BTD, frame_mask)
@@ -291,19 +330,23 @@ class VideoTextModel(nn.Module):
                 groups["clip" if name.startswith(("clip.", "logit_scale.")) else "new"].append(name)
         return groups
 
-    def flops_per_sample(self, tight_pairs: int = 1) -> int:
+    def flops_per_sample(self, tight_pairs: int = 1, mask_ratio: float | None = None) -> int:
         """Forward matmul FLOPs for one (video, text) pair (x3 for forward + backward).
 
         Counts 2 * m * n * k for every matmul: CLIP on every frame (patch conv, qkv/out/MLP, attention
         scores and values, projection), the text tower, and the head. tightTransf runs its cross
-        encoder ``tight_pairs`` times per sample (training scores the local B x B pairs: pass B)."""
+        encoder ``tight_pairs`` times per sample (training scores the local B x B pairs: pass B).
+        ``mask_ratio`` (None = ``cfg.mask_ratio``, the training forward; 0 = evaluation): the vision transformer
+        runs on the class token + the kept patch tokens; the patch embedding still covers the full grid."""
         cfg, vc, tc = self.cfg, self.clip.config.vision_config, self.clip.config.text_config
         dim, T, L = self.clip.config.projection_dim, cfg.num_frames, cfg.max_words
 
         patches = (vc.image_size // vc.patch_size) ** 2
+        kept = patches if (cfg.mask_ratio if mask_ratio is None else mask_ratio) == 0 else \
+            cfg.kept_patches(patches, mask_ratio)
         kernel = 3 * vc.patch_size**2 * (3 if cfg.linear_patch == "3d" else 1)
         frame = 2 * patches * kernel * vc.hidden_size + transformer_flops(
-            patches + 1, vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers)
+            kept + 1, vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers)
         frame += 2 * vc.hidden_size * dim
         text = transformer_flops(L, tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers)
         text += 2 * tc.hidden_size * dim * (L if self.tab is not None else 1)

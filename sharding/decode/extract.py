@@ -1,6 +1,7 @@
 """``extract_clips``: decode a video once for all its clips with the chosen decoder (the other one as fallback).
 
     info, per_clip = extract_clips(path, [(start, end, targets), ...], frame_size=224, decoder="pyav")
+    seconds = probe_duration(path)            # the video's length, nothing decoded (a benchmark's whole video)
 
 ``per_clip[i]`` is a list of ``(pts_seconds, jpeg_bytes)`` for clip i (the frame on screen at each target time), or
 an ``ExtractError`` for that clip alone (``span_beyond_end``, ``truncated``); a whole-video failure raises one.
@@ -59,3 +60,12 @@ def extract_clips(
         else:
             per_clip.append([(round(float(frames.jpeg[s][0]), 6), frames.jpeg[s][1]) for s in serials])
     return info, per_clip
+
+
+def probe_duration(path: str | Path) -> float:
+    """The video's duration in seconds from its header (or its packet index), nothing decoded; ExtractError for a
+    missing, empty or unreadable file, as ``extract_clips`` classifies them. Read with PyAV whatever the decoder
+    (decord reads no header; it takes PyAV's too)."""
+    path = Path(path)
+    check_file(path)
+    return pyav.video_duration(path)

@@ -1,6 +1,7 @@
 """PyAV (bundled FFmpeg): the default decoder, and the one module of ptrain that imports ``av`` (writing too).
 
     info = extract(path, clips, Frames(clips, 224, False, 90), threads=1)   # what extract_clips calls
+    seconds = video_duration(path)                                          # header (or packets) only
     write_video(path, frames, encoder="libx264", rate=Fraction(25), width=320, height=240)
 
 Decoding goes forward once through the sorted targets and seeks to a keyframe only across long gaps; frames are
@@ -59,6 +60,39 @@ def header_duration(path: Path) -> float:
             return _stated_duration(container, container.streams.video[0])
     except Exception:  # noqa: BLE001 - only a cross-check for the decord path
         return math.inf
+
+
+def video_duration(path: Path) -> float:
+    """Seconds of the video stream, without decoding: what its header states or, when it states none, where its
+    packets end (read from the packet index). What a benchmark sample over the whole video is placed on.
+    ExtractError (classified as ``extract`` classifies) when the file cannot be read or has no video stream."""
+    import av
+
+    try:
+        container = av.open(str(path), mode="r")
+    except Exception as e:  # noqa: BLE001 - classify every opening failure
+        raise _classify_av_error(path, e) from None
+    with container:
+        if not container.streams.video:
+            kinds = ", ".join(s.type for s in container.streams) or "none"
+            raise ExtractError("no_video_stream", f"{path}: no video stream (streams: {kinds})")
+        stream = container.streams.video[0]
+        stated = _stated_duration(container, stream)
+        if 0 < stated < math.inf:
+            return stated
+        tb = float(stream.time_base) if stream.time_base else None
+        start_offset = float(stream.start_time * tb) if (stream.start_time and tb) else 0.0
+        end = 0.0
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is not None and tb:
+                    end = max(end, (packet.pts + (packet.duration or 0)) * tb - start_offset)
+        except av.error.FFmpegError as e:  # damaged past some point: its packets up to there count
+            if end <= 0:
+                raise _classify_av_error(path, e) from None
+        if end <= 0:
+            raise ExtractError("corrupt", f"{path}: neither the header nor the packets give the video's duration")
+        return end
 
 
 def _keyframe_times(container, stream, tb, start_offset) -> list[tuple[float, int]]:

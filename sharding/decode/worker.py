@@ -2,10 +2,13 @@
 
     worker = DecodeWorker()
     info, per_clip = worker.run(path, clips, timeout=120, frame_size=224, ...)   # ExtractError("timeout") on hang
+    seconds = worker.duration(path, timeout=120)                                # the header's (probe_duration)
+    info, clips, results = decode_planned(worker, path, planned_clips, timeout=120, frame_size=224, ...)
     worker.close()
 
 A decode that hangs in native code (decord holds the GIL there, a FIFO or a stalled mount blocks in open) cannot be
 interrupted from Python, so it runs in a spawned child; the child is reused across videos and replaced after a kill.
+``decode_planned`` is how the job and the dry run decode a video's planned clips through a worker.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 
-from sharding.decode.extract import extract_clips
+from sharding.decode.extract import extract_clips, probe_duration
 from sharding.decode.video import ExtractError
+from sharding.plan import place_clip
 
 
 def _child_main(conn) -> None:
@@ -35,9 +39,9 @@ def _child_main(conn) -> None:
             return
         if req is None:
             return
-        path, clips, kwargs = req
+        kind, path, clips, kwargs = req
         try:
-            conn.send(("ok", extract_clips(path, clips, **kwargs)))
+            conn.send(("ok", probe_duration(path) if kind == "duration" else extract_clips(path, clips, **kwargs)))
         except ExtractError as e:
             conn.send(("error", (e.cls, e.message)))
         except Exception as e:  # noqa: BLE001 - never let one video kill the worker
@@ -83,8 +87,16 @@ class DecodeWorker:
             self._start(what)
 
     def run(self, path, clips, *, timeout: float, **kwargs):
+        """``extract_clips(path, clips, **kwargs)`` in the child, within ``timeout`` seconds."""
+        return self._request("extract", path, clips, kwargs, timeout)
+
+    def duration(self, path, *, timeout: float) -> float:
+        """``probe_duration(path)`` in the child (opening a file can hang too), within ``timeout`` seconds."""
+        return self._request("duration", path, None, {}, timeout)
+
+    def _request(self, kind: str, path, clips, kwargs: dict, timeout: float):
         self.ensure_started(path)
-        self._conn.send((str(path), clips, kwargs))
+        self._conn.send((kind, str(path), clips, kwargs))
         t0 = time.monotonic()
         if not self._conn.poll(timeout):
             self.kill()
@@ -118,3 +130,29 @@ class DecodeWorker:
                 pass
         self.kill()
 
+
+def decode_planned(worker: DecodeWorker, path, clips: list, *, timeout: float, **kwargs) -> tuple:
+    """Decode one video for its planned clips (``sharding.plan.PlannedClip``): ``(info, clips, results)``,
+    ``results[i]`` the frames of ``clips[i]`` or its ExtractError. Benchmark samples are first placed on the
+    video's duration, read from its header in the child (``place_clip``: the whole video, a span cut at the end, or
+    ``span_beyond_end``), and ``clips`` comes back placed. A whole-video failure raises ExtractError; ``info`` is
+    None when no clip is left to decode. ``kwargs`` go to ``extract_clips``."""
+    results: list = [None] * len(clips)
+    if any(c.bench is not None for c in clips):
+        duration = worker.duration(path, timeout=timeout)
+        placed = []
+        for i, clip in enumerate(clips):
+            p = place_clip(clip, duration)
+            if isinstance(p, str):
+                results[i] = ExtractError("span_beyond_end", p)
+                p = clip
+            placed.append(p)
+        clips = placed
+    todo = [i for i, r in enumerate(results) if r is None]
+    info = None
+    if todo:
+        info, per_clip = worker.run(path, [(clips[i].start, clips[i].end, clips[i].targets) for i in todo],
+                                    timeout=timeout, **kwargs)
+        for i, result in zip(todo, per_clip):
+            results[i] = result
+    return info, clips, results
