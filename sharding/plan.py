@@ -175,9 +175,9 @@ def plan_clips(
 # index ranges into the columns until ``clip_rows`` makes the rows.
 
 
-def _clean(segments) -> tuple[list[float], list[float], list[str], list[int]]:
-    """``clean_segments`` as columns; the ends it returns rise strictly (a segment that does not end after the
-    previous one is merged into it)."""
+def _clean(segments) -> tuple:
+    """``clean_segments`` as columns (sequences): starts, ends, texts, word counts. The ends rise strictly (a segment
+    that does not end after the previous one is merged into it)."""
     if not segments:
         return [], [], [], []
     starts, ends, texts = zip(*segments)
@@ -188,49 +188,50 @@ def _clean(segments) -> tuple[list[float], list[float], list[str], list[int]]:
         # not strictly rising: sort as Segments sort, by (start, end, normalised text); rising starts already are
         ordered = sorted(zip(starts, ends, map(" ".join, wordses), wordses))
         starts, ends, wordses = [o[0] for o in ordered], [o[1] for o in ordered], [o[3] for o in ordered]
-    out_s: list[float] = []
-    out_e: list[float] = []
-    out_t: list[str] = []
-    out_n: list[int] = []
-    prev: list[str] = []  # words of the previous segment as the ASR showed them (before trimming)
-    last_end = 0.0  # out_e[-1], the end of the last kept segment, which may still grow
+    # Every segment with words leaves the end of the last kept segment at max(that end, its own end), whichever
+    # branch it takes below, so ``last_end`` is the running maximum of the ends so far. Kept segments are one tuple
+    # each (one append, not four), the last one held apart while it may still grow.
+    kept: list[tuple] = []
+    prev: list[str] | None = None  # words of the previous segment as the ASR showed them (before trimming)
+    last_start = last_end = 0.0
+    last_text = ""
+    last_n = 0
     join = " ".join
     for start, end, words in zip(starts, ends, wordses):
         if not words:
             continue
-        if not out_s:
-            prev, last_end = words, end
-            out_s.append(start), out_e.append(end), out_t.append(join(words)), out_n.append(len(words))
-            continue
-        if words == prev and start < last_end + 0.5:
-            # exact rolling repeat: keep one copy, spanning both
-            if end > last_end:
-                out_e[-1] = last_end = end
+        if prev is None:
+            prev, last_start, last_end, last_text, last_n = words, start, end, join(words), len(words)
             continue
         raw = words
         if start <= last_end + TOUCH_SECONDS:
-            # the longest tail of the previous caption that is a head of this one (a tail starts with words[0])
-            k = min(len(prev), len(words))
+            # touching: the longest tail of the previous caption that is a head of this one goes (a tail starts with
+            # words[0]: none when words[0] is not in it); an exact repeat goes whole
             first = words[0]
-            while k and (prev[-k] != first or prev[-k:] != words[:k]):
-                k -= 1
-            if k:
-                words = words[k:]
+            if first in prev:
+                k = len(prev) if len(prev) < len(words) else len(words)
+                while k and (prev[-k] != first or prev[-k:] != words[:k]):
+                    k -= 1
+                if k:
+                    words = words[k:]
+        elif words == prev and start < last_end + 0.5:  # exact rolling repeat (TOUCH_SECONDS < 0.5)
+            words = ()
         prev = raw
         if not words:  # fully repeated: it only extends the previous segment
             if end > last_end:
-                out_e[-1] = last_end = end
+                last_end = end
             continue
         if end <= last_end:  # swallowed in time by the previous segment: merge its new words into it
-            out_t[-1] = out_t[-1] + " " + join(words)
-            out_n[-1] += len(words)
+            last_text = last_text + " " + join(words)
+            last_n += len(words)
             continue
-        out_s.append(last_end if last_end > start else start)
-        out_e.append(end)
-        out_t.append(join(words))
-        out_n.append(len(words))
-        last_end = end
-    return out_s, out_e, out_t, out_n
+        kept.append((last_start, last_end, last_text, last_n))
+        last_start = last_end if last_end > start else start
+        last_end, last_text, last_n = end, join(words), len(words)
+    if prev is None:
+        return [], [], [], []
+    kept.append((last_start, last_end, last_text, last_n))
+    return tuple(zip(*kept))
 
 
 def _split_long(columns, max_seconds: float):

@@ -24,6 +24,8 @@ import operator
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from sharding.sources import CaptionError, Segment, VideoRecord, file_facts
 
 # The longest video a caption time may point into. HowTo100M's longest videos last a few hours; a time beyond this
@@ -105,10 +107,8 @@ def _entries(p: Path) -> Iterator[tuple[str, Any]]:
 _BUILDER_BUDGET = 2**25
 _CHUNK = 8 * 1024
 # A bracket followed by a byte that cannot follow an opening bracket in JSON (a letter other than t, f, n: the
-# ASR's "[Music]", "[Applause]") is inside a string: it opens nothing and is not counted. The table maps both
-# brackets to "[", what may follow one to "a", anything else to "x": the count is that of "[" less that of "[x".
-_CLASSES = bytes(ord("[") if c in b"[{" else ord("a") if c in b" \t\r\n\"-0123456789tfn]}" else ord("x")
-                 for c in range(256))
+# ASR's "[Music]", "[Applause]") is inside a string: it opens nothing and is not counted.
+_AFTER_OPENER = b" \t\r\n\"-0123456789tfn[{]}"
 
 
 class _Unbounded(Exception):
@@ -128,11 +128,21 @@ class _Bounded:
         self._seen = 0
         self._open = self._bytes = 0  # brackets and bytes since the chunk where the last entry ended
         self._last = (0, 0)  # the previous chunk's brackets and bytes
+        self._not_after = np.array([c not in _AFTER_OPENER for c in range(256)])
+
+    def _openers(self, chunk: bytes) -> int:
+        """How many "[" and "{" of ``chunk`` may open a container (at array speed: a few us for 8 KiB)."""
+        b = np.frombuffer(chunk, dtype=np.uint8)
+        at = np.flatnonzero((b | 32) == ord("{"))  # "[" is 0x5b, "{" 0x7b: the only bytes that are 0x7b with bit 5 set
+        if not len(at):
+            return 0
+        if at[-1] == len(b) - 1:  # the last byte: what follows it is in the next chunk; counted
+            return len(at) - int(np.count_nonzero(self._not_after[b[at[:-1] + 1]]))
+        return len(at) - int(np.count_nonzero(self._not_after[b[at + 1]]))
 
     def read(self, n: int = -1) -> bytes:
         chunk = self.f.read(n)
-        marked = chunk.translate(_CLASSES)
-        brackets = marked.count(b"[") - marked.count(b"[x")
+        brackets = self._openers(chunk)
         if self.entries != self._seen:
             self._seen = self.entries
             self._open, self._bytes = self._last
