@@ -417,19 +417,71 @@ def clip_rows(segments: list[Segment], plan_cfg) -> list[list]:
     """Clips of one video's timed segments (``plan_clips``) with their frame times, as plan rows (shard -1 until
     ``pack_groups`` deals them; a row's segments are ``(start, end, text)`` tuples); ``plan_cfg`` is the ``plan``
     section of ShardConfig."""
-    (starts, ends, texts, _words), cuts, clip_ends = _plan_clips(
-        segments, plan_cfg.min_seconds, plan_cfg.min_words, plan_cfg.max_seconds, plan_cfg.max_gap_seconds)
-    if not cuts:
-        return []
-    clip_starts = [starts[i] for i in cuts]
-    rounded, targets = _row_times(clip_starts, clip_ends, plan_cfg)
-    n = len(cuts)
-    stops = cuts[1:] + [len(starts)]
-    segs = list(zip(starts, ends, texts))
+    return clip_rows_many([segments], plan_cfg)[0]
+
+
+def clip_rows_many(segment_lists: list[list[Segment]], plan_cfg) -> list[list[list]]:
+    """``clip_rows`` of several videos, the same rows; their frame times in one pass of array operations (whose
+    fixed cost per call, paid per video, was the larger part of the time of the frame times)."""
+    planned = [_plan_clips(segments, plan_cfg.min_seconds, plan_cfg.min_words, plan_cfg.max_seconds,
+                           plan_cfg.max_gap_seconds) for segments in segment_lists]
+    clip_starts: list[float] = []
+    clip_ends: list[float] = []
+    for (starts, _e, _t, _w), cuts, ends in planned:
+        clip_starts += [starts[i] for i in cuts]
+        clip_ends += ends
+    rounded, targets = _row_times(clip_starts, clip_ends, plan_cfg) if clip_starts else ([], [])
+    total = len(clip_starts)
+    out: list[list[list]] = []
+    at = 0  # the first clip of the video in the batch's columns
     join = " ".join
-    return list(map(list, zip(range(n), [-1] * n, rounded[:n], rounded[n:], [join(texts[i:j]) for i, j in
-                                                                            zip(cuts, stops)],
-                              [segs[i:j] for i, j in zip(cuts, stops)], targets)))
+    for (starts, ends, texts, _words), cuts, _ends in planned:
+        n = len(cuts)
+        if not n:
+            out.append([])
+            continue
+        stops = cuts[1:] + [len(starts)]
+        segs = list(zip(starts, ends, texts))
+        out.append(list(map(list, zip(range(n), [-1] * n, rounded[at:at + n], rounded[total + at:total + at + n],
+                                      [join(texts[i:j]) for i, j in zip(cuts, stops)],
+                                      [segs[i:j] for i, j in zip(cuts, stops)], targets[at:at + n]))))
+        at += n
+    return out
+
+
+# A batch of ``plan_records``: at most this many videos, and it closes once it holds this many segments (one
+# video's, however many, is always planned: memory stays that of one entry at most, plus a batch of common ones).
+BATCH_VIDEOS = 256
+BATCH_SEGMENTS = 1 << 16
+
+
+def plan_records(records, plan_cfg):
+    """``(record, rows)`` for every record, in order: ``plan_record``'s rows, None for a record with a
+    ``skip_reason``. ASR records are planned in batches (``clip_rows_many``); a record raising in the source
+    (a malformed entry) stops the stream there, as it would one record at a time."""
+    batch: list = []
+    size = 0
+    for record in records:
+        batch.append(record)
+        size += len(record.segments)
+        if len(batch) >= BATCH_VIDEOS or size >= BATCH_SEGMENTS:
+            yield from _plan_batch(batch, plan_cfg)
+            batch, size = [], 0
+    yield from _plan_batch(batch, plan_cfg)
+
+
+def _plan_batch(batch: list, plan_cfg):
+    asr = [r for r in batch if not r.skip_reason and (r.segments or not (r.captions or r.sentences
+                                                                        or r.span is not None))]
+    rows = iter(clip_rows_many([r.segments for r in asr], plan_cfg)) if asr else iter(())
+    asr_ids = set(map(id, asr))
+    for record in batch:
+        if record.skip_reason:
+            yield record, None
+        elif id(record) in asr_ids:
+            yield record, next(rows)
+        else:
+            yield record, plan_record(record, plan_cfg)
 
 
 def _row_times(clip_starts: list[float], clip_ends: list[float], plan_cfg) -> tuple[list[float], list[list[float]]]:
