@@ -209,11 +209,18 @@ def _clean(segments) -> tuple:
             # words[0]: none when words[0] is not in it); an exact repeat goes whole
             first = words[0]
             if first in prev:
-                k = len(prev) if len(prev) < len(words) else len(words)
-                while k and (prev[-k] != first or prev[-k:] != words[:k]):
-                    k -= 1
-                if k:
-                    words = words[k:]
+                # the tails that fit start at p >= len(prev) - len(words) with words[0]: the first that matches
+                n = len(prev)
+                p = n - len(words) if n > len(words) else 0
+                while True:
+                    try:
+                        p = prev.index(first, p)
+                    except ValueError:
+                        break
+                    if prev[p:] == words[:n - p]:
+                        words = words[n - p:]
+                        break
+                    p += 1
         elif words == prev and start < last_end + 0.5:  # exact rolling repeat (TOUCH_SECONDS < 0.5)
             words = ()
         prev = raw
