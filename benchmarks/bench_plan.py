@@ -8,13 +8,14 @@ ASR segments per video, about 5 KB per video) and a directory of N empty ``<id>.
 default settings twice, each in a subprocess of its own (CPU time = user + system of that process, peak RSS = its
 ``ru_maxrss``):
 
-- old: the planner of commit ``--base`` (the code on main before the streaming planner), run from a copy of its
-  ``sharding/`` package made with ``git archive`` into a temporary directory: its ``sharding.job._plan`` (load the
-  whole caption.json, plan every clip in memory, assign shards, hash);
+- old: the planner of commit ``--base``, run from a copy of its ``sharding/`` package made with ``git archive`` into
+  a temporary directory: its ``sharding.job._plan``; for f2b3d0b (the default, the code before the streaming
+  planner) that loads the whole caption.json, plans every clip in memory, assigns shards and hashes; for a base
+  that has the stored plan (``sharding/planstore.py``, e.g. ``--base cd758f5``) it is run as *new* is;
 - new: ``sharding.job._plan`` of this tree: stream caption.json, plan video by video, write the per-group plan
   files and the plan manifest into ``OUT/.ptrain_shard/plans/`` (the writing is included in the time).
 
-It prints a table per N, the per-video slope of each method (least squares over the N measured) and the linear
+It prints a table per N (with old / new CPU, the two measured in the same run), the per-video slope of each method (least squares over the N measured) and the linear
 extrapolation to the 1.22M videos of HowTo100M. ``--old-max`` skips the old method above that N (it needs about
 100 KB of memory per video).
 """
@@ -80,7 +81,8 @@ from sharding.job import _plan
 root, out, method = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 cfg = ShardConfig(videos=str(root / "videos"), captions=str(root / "caption.json"), out=str(out), progress=False)
 t0 = time.time()
-if method == "old":
+import importlib.util
+if method == "old" and importlib.util.find_spec("sharding.planstore") is None:  # a base before the stored plan
     result = _plan(cfg)
     clips, shards = sum(len(t.clips) for t in result[5]), sum(len(t.shards) for t in result[5])
 else:
@@ -143,8 +145,9 @@ def main() -> None:
     old_path = os.pathsep.join(filter(None, [str(old_tree), str(ROOT), pythonpath]))  # old sharding, this ptrain
 
     rows = []
-    print(f"| videos | caption.json | clips | old ({args.base}): CPU s / peak RSS | new: CPU s / peak RSS |")
-    print("|---:|---:|---:|---:|---:|")
+    print(f"| videos | caption.json | clips | old ({args.base}): CPU s / peak RSS | new: CPU s / peak RSS | "
+          "old / new CPU |")
+    print("|---:|---:|---:|---:|---:|---:|")
     try:
         for n in args.videos:
             corpus = make_corpus(work / f"n{n}", n)
@@ -154,8 +157,9 @@ def main() -> None:
             rows.append((n, old, new))
             old_txt = ("not run (--old-max)" if old is None else old["failed"] if "failed" in old
                        else f"{old['cpu_s']:.1f} / {gib(old['peak_rss'])}")
+            ratio = f"{old['cpu_s'] / new['cpu_s']:.2f}x" if old and "failed" not in old else "-"
             print(f"| {n:,} | {size / 1e6:.0f} MB | {new['clips']:,} | {old_txt} | {new['cpu_s']:.1f} / "
-                  f"{gib(new['peak_rss'])} |", flush=True)
+                  f"{gib(new['peak_rss'])} | {ratio} |", flush=True)
             shutil.rmtree(corpus)
         print()
         for name, idx in (("old", 1), ("new", 2)):
@@ -164,7 +168,8 @@ def main() -> None:
                 continue
             a_cpu, b_cpu = slope([(n, m["cpu_s"]) for n, m in pts])
             a_rss, b_rss = slope([(n, m["peak_rss"]) for n, m in pts])
-            print(f"{name}: {b_cpu * 1e3:.3f} ms CPU and {b_rss / 1024:.1f} KiB peak RSS per video; at "
+            print(f"{name}: {b_cpu * 1e3:.3f} ms CPU ({sum(m['cpu_s'] for _, m in pts) / sum(n for n, _ in pts) * 1e3:.3f} "
+                  f"ms mean) and {b_rss / 1024:.1f} KiB peak RSS per video; at "
                   f"{HOWTO100M_VIDEOS / 1e6:.2f}M videos: {(a_cpu + b_cpu * HOWTO100M_VIDEOS) / 60:.1f} min of CPU, "
                   f"{gib(a_rss + b_rss * HOWTO100M_VIDEOS)} peak RSS (linear extrapolation)")
     finally:

@@ -24,6 +24,8 @@ import operator
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from sharding.sources import CaptionError, Segment, VideoRecord, file_facts
 
 # The longest video a caption time may point into. HowTo100M's longest videos last a few hours; a time beyond this
@@ -70,6 +72,89 @@ def _json_error(p: Path, e: Exception, vid: str | None) -> CaptionError:
 
 
 def _entries(p: Path) -> Iterator[tuple[str, Any]]:
+    """``(key, value)`` of the top-level object, in file order. Built by ijson's C builder (``kvitems``) while
+    ``_Bounded`` vouches that no container nesting can make that costly, else (a JSON error too, to name its video)
+    by ``_event_entries`` from the start, skipping the entries already given."""
+    import ijson
+
+    given = 0
+    with p.open("rb") as f:
+        head = f.read(4096).lstrip(b" \t\r\n")
+        f.seek(0)
+        if head[:1] == b"{":  # anything else is the event loop's to refuse (a top-level list gives no entry here)
+            reader = _Bounded(f)
+            entries = ijson.kvitems(reader, "", use_float=True, buf_size=_CHUNK)
+            while True:
+                try:
+                    entry = next(entries)
+                except StopIteration:
+                    return
+                except Exception:  # noqa: BLE001 -- the event loop reads the file again and says what is wrong
+                    break
+                reader.entries = given = given + 1
+                yield entry
+    for i, entry in enumerate(_event_entries(p)):
+        if i >= given:
+            yield entry
+
+
+# ijson's builders keep a prefix string per open container (the path: video id, key, "item", ...), so a container
+# nested d deep costs memory ~ d x (d + the key's length): quadratic. The bytes and the brackets read since the
+# last whole entry bound both; past this product the file is read by the event loop, which refuses deep nesting at
+# once (and goes on at its own pace: about 1.5x the builder's time per video, from the start of the file). With
+# chunks of 8 KiB, a HowTo100M-like file (5 KB and 4 brackets a video) stays near 2e5, an entry of 2 MB still fits
+# (80 KB after a chunk of tiny entries, 400 brackets), and the builder can be made to hold no more than ~45 MB.
+_BUILDER_BUDGET = 2**25
+_CHUNK = 8 * 1024
+# A bracket followed by a byte that cannot follow an opening bracket in JSON (a letter other than t, f, n: the
+# ASR's "[Music]", "[Applause]") is inside a string: it opens nothing and is not counted.
+_AFTER_OPENER = b" \t\r\n\"-0123456789tfn[{]}"
+
+
+class _Unbounded(Exception):
+    """Raised inside ijson's read: the builder must not see more of this file."""
+
+
+class _Bounded:
+    """A file for ijson's builder that refuses to hand out a chunk that could open containers beyond the budget.
+
+    ijson reads a chunk, parses it whole and yields the entries it completed before it reads again; so at a read,
+    the entry still open began in the chunk where the last entry ended (or later), and its depth and key length
+    are at most the brackets and bytes read since that chunk, this one included, which are checked first."""
+
+    def __init__(self, f):
+        self.f = f
+        self.entries = 0  # entries yielded so far (set by the reader of ``kvitems``)
+        self._seen = 0
+        self._open = self._bytes = 0  # brackets and bytes since the chunk where the last entry ended
+        self._last = (0, 0)  # the previous chunk's brackets and bytes
+        self._not_after = np.array([c not in _AFTER_OPENER for c in range(256)])
+
+    def _openers(self, chunk: bytes) -> int:
+        """How many "[" and "{" of ``chunk`` may open a container (at array speed: a few us for 8 KiB)."""
+        b = np.frombuffer(chunk, dtype=np.uint8)
+        at = np.flatnonzero((b | 32) == ord("{"))  # "[" is 0x5b, "{" 0x7b: the only bytes that are 0x7b with bit 5 set
+        if not len(at):
+            return 0
+        if at[-1] == len(b) - 1:  # the last byte: what follows it is in the next chunk; counted
+            return len(at) - int(np.count_nonzero(self._not_after[b[at[:-1] + 1]]))
+        return len(at) - int(np.count_nonzero(self._not_after[b[at + 1]]))
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.f.read(n)
+        brackets = self._openers(chunk)
+        if self.entries != self._seen:
+            self._seen = self.entries
+            self._open, self._bytes = self._last
+        self._open += brackets
+        self._bytes += len(chunk)
+        self._last = (brackets, len(chunk))
+        if self._open * self._bytes > _BUILDER_BUDGET:
+            raise _Unbounded(f"{self._open} brackets in {self._bytes} bytes without a whole entry")
+        return chunk
+
+
+def _event_entries(p: Path) -> Iterator[tuple[str, Any]]:
     """``(key, value)`` of the top-level object, built from parser events with the nesting bounded by the format:
     an object of objects of lists of scalars. Anything nested deeper is refused at once (a builder that followed it
     would spend memory quadratic in the depth, or recurse until the stack overflows)."""
@@ -159,6 +244,11 @@ _STRINGS = frozenset((str,))
 def _segments(p: Path, vid: str, entry: Any) -> list[Segment]:
     """The validated segments of one entry, as ``(start, end, text)`` tuples (what a Segment is; plain tuples are
     the cheapest to make, 136M times)."""
+    if entry.__class__ is dict and len(entry) == 3:
+        segs = _plain_segments(entry.get("start"), entry.get("end"), entry.get("text"))
+        if segs is not None:
+            return segs
+    _refuse_nesting(p, vid, entry)
     where = f"{p}: video {vid!r}"
     if not isinstance(entry, dict):
         raise CaptionError(f"{where}: expected an object with start/end/text lists, got {type(entry).__name__}")
@@ -172,18 +262,9 @@ def _segments(p: Path, vid: str, entry: Any) -> list[Segment]:
         raise CaptionError(
             f"{where}: start, end and text have different lengths ({len(starts)}, {len(ends)}, {len(texts)})"
         )
-    # the common case checked list by list at C speed: numbers (no bool) within bounds, end >= start, text
-    # strings of valid Unicode; anything else goes through the loop below, which names the first bad segment
-    if starts and _NUMBERS.issuperset(map(type, starts)) and _NUMBERS.issuperset(map(type, ends)) \
-            and _STRINGS.issuperset(map(type, texts)) and min(starts) >= 0 \
-            and max(ends) <= MAX_VIDEO_SECONDS and max(starts) <= MAX_VIDEO_SECONDS \
-            and not any(map(operator.lt, ends, starts)):
-        try:
-            "".join(texts).encode("utf-8")
-        except UnicodeEncodeError:
-            pass
-        else:
-            return list(zip(map(float, starts), map(float, ends), texts))
+    segs = _plain_segments(starts, ends, texts)
+    if segs is not None:
+        return segs
     segs = []
     for i, (s, e, t) in enumerate(zip(starts, ends, texts)):
         if s.__class__ is not float or e.__class__ is not float:  # the fast path: both plain floats
@@ -213,6 +294,37 @@ def _segments(p: Path, vid: str, entry: Any) -> list[Segment]:
                                f"{t!r}; fix or drop that segment") from None
         segs.append((s, e, t))
     return segs
+
+
+def _plain_segments(starts: Any, ends: Any, texts: Any) -> list[Segment] | None:
+    """The segments of the common entry, checked list by list at C speed: three lists of one length, numbers (no
+    bool) within bounds, end >= start, text strings of valid Unicode; None for anything else (the caller's loop
+    names the first bad segment)."""
+    if starts.__class__ is list and ends.__class__ is list and texts.__class__ is list \
+            and 0 < len(starts) == len(ends) == len(texts) and _NUMBERS.issuperset(map(type, starts)) \
+            and _NUMBERS.issuperset(map(type, ends)) and _STRINGS.issuperset(map(type, texts)) and min(starts) >= 0 \
+            and max(ends) <= MAX_VIDEO_SECONDS and max(starts) <= MAX_VIDEO_SECONDS \
+            and not any(map(operator.lt, ends, starts)):
+        try:
+            "".join(texts).encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+        return list(zip(map(float, starts), map(float, ends), texts))
+    return None
+
+
+def _refuse_nesting(p: Path, vid: str, entry: Any) -> None:
+    """The event loop's refusal of a container nested deeper than the format, for an entry ijson's builder made:
+    the first such container in file order (the builder keeps the last of two equal keys)."""
+    in_object = isinstance(entry, dict)
+    for key, value in entry.items() if in_object else [("", entry)]:
+        if in_object and isinstance(value, dict):
+            raise CaptionError(f"{p}: video {vid!r}: {key!r} holds an object; the format nests no deeper than "
+                               f"{_FORMAT} (lists of numbers or strings)")
+        if isinstance(value, list) and any(isinstance(x, (list, dict)) for x in value):
+            where = f"video {vid!r}: {key!r}" if in_object and key else f"video {vid!r}"
+            raise CaptionError(f"{p}: {where} nests a list or an object in a list; the format nests no deeper than "
+                               f"{_FORMAT} (lists of numbers or strings)")
 
 
 def load_captions(path: str | Path) -> dict[str, list[Segment]]:
