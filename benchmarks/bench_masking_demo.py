@@ -1,7 +1,7 @@
 """Token masking on the demo corpus: held-out retrieval at equal steps (against the unmasked run-to-run interval)
 and at equal wall time.
 
-    python benchmarks/bench_masking_demo.py                                  # 200 videos, 500 steps, seeds 0 1 2
+    python benchmarks/bench_masking_demo.py                                  # 200 videos, 400 steps, seeds 0 1 2
     python benchmarks/bench_masking_demo.py --modes frame --seeds 0 1 2 3 --steps 800 --videos 360
 
 The pipeline is launch/demo.sh's, scaled down and driven through the CLIs (subprocesses, no training code here):
@@ -137,7 +137,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_masking_demo"), help="corpus, shards, runs, evals")
     ap.add_argument("--videos", type=int, default=200, help="sample-data videos (demo: 360)")
-    ap.add_argument("--steps", type=int, default=500, help="optimizer steps per run (demo: 800)")
+    ap.add_argument("--steps", type=int, default=400, help="optimizer steps per run (demo: 800)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--modes", nargs="+", default=["frame", "tube"], choices=["frame", "tube"])
     ap.add_argument("--ratio", type=float, default=0.5)
