@@ -106,7 +106,8 @@ def pretrain(work: Path, name: str, seed: int, extra: list[str], args) -> dict:
                "log.tensorboard=false", *extra], work / f"{name}.log", env)
     times = train_times(run)
     info = {"name": name, "seed": seed, "overrides": extra, "process_wall_s": round(wall, 1),
-            "train_wall_s": round(times[args.steps], 1), "step_times_s": {str(k): round(v, 2) for k, v in times.items()},
+            "train_wall_s": round(times[args.steps], 1),
+            "step_times_s": {str(k): round(v, 2) for k, v in times.items()},
             "load_before": round(before, 2), "load_after": round(load1(), 2)}
     info_f.write_text(json.dumps(info, indent=1))
     print(f"   {name}: {info['train_wall_s']} s training ({wall:.0f} s process)", flush=True)
@@ -130,7 +131,8 @@ def interval(xs: list[float]) -> dict:
     n, mean = len(xs), statistics.fmean(xs)
     sd = statistics.stdev(xs) if n > 1 else float("nan")
     half = T95.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else float("nan")
-    return {"n": n, "mean": mean, "min": min(xs), "max": max(xs), "sd": sd, "t95_lo": mean - half, "t95_hi": mean + half}
+    return {"n": n, "mean": mean, "min": min(xs), "max": max(xs), "sd": sd,
+            "t95_lo": mean - half, "t95_hi": mean + half}
 
 
 def main() -> None:
@@ -209,16 +211,23 @@ def report(results: dict, args) -> None:
         if base is None or mode not in summary:
             continue
         m = summary[mode]["R1"]["mean"]
+        # paired by seed: the masked run against its unmasked twin (same seed, same data order)
+        pairs = [ev[f"{mode}_s{s}"]["t2v_R1"] - ev[f"none_s{s}"]["t2v_R1"] for s in args.seeds
+                 if f"{mode}_s{s}" in ev and f"none_s{s}" in ev]
+        summary[mode]["paired_R1_diff"] = paired = interval(pairs)
         summary[mode]["within_minmax"] = base["min"] <= m <= base["max"]
         summary[mode]["within_t95"] = base["t95_lo"] <= m <= base["t95_hi"]
         print(f"\n{label[mode]}: mean R@1 {m:.2f} vs unmasked {base['mean']:.2f}: "
               f"{'within' if summary[mode]['within_minmax'] else 'outside'} the unmasked min-max "
               f"[{base['min']:.1f}, {base['max']:.1f}], "
               f"{'within' if summary[mode]['within_t95'] else 'outside'} its t 95% interval "
-              f"[{base['t95_lo']:.2f}, {base['t95_hi']:.2f}]")
+              f"[{base['t95_lo']:.2f}, {base['t95_hi']:.2f}]; paired by seed: "
+              f"{' / '.join(f'{d:+.1f}' for d in pairs)}, mean {paired['mean']:+.2f}, "
+              f"t 95% [{paired['t95_lo']:+.2f}, {paired['t95_hi']:+.2f}]")
     if results["equal_wall"]:
         print("\nEqual wall time: the masked run's training time vs the unmasked run's nearest checkpoint\n")
-        print("| seed | mask mode | masked: wall s, R@1, R@5 | unmasked at that time: step, wall s, R@1, R@5 | R@1 masked - unmasked |")
+        print("| seed | mask mode | masked: wall s, R@1, R@5 | unmasked at that time: step, wall s, R@1, R@5 "
+              "| R@1 masked - unmasked |")
         print("|---:|---|---|---|---:|")
         for r in results["equal_wall"]:
             d = r["masked"]["t2v_R1"] - r["unmasked"]["t2v_R1"]
