@@ -103,7 +103,10 @@ def run(cfg: FinetuneConfig) -> int:
         from ptrain.cluster import train_on_ray
 
         return train_on_ray(cfg, "ptrain.finetune:train", "finetune")
-    return train(cfg)
+    code = train(cfg)
+    if code == 0:  # leave the process group together: a rank exiting first made gloo abort its peer (SIGABRT)
+        du.destroy()
+    return code
 
 
 def train(cfg: FinetuneConfig, on_checkpoint: Callable[[Path, Position], None] | None = None) -> int:

@@ -63,7 +63,10 @@ def run(cfg: PretrainConfig) -> int:
         from ptrain.cluster import train_on_ray
 
         return train_on_ray(cfg, "ptrain.pretrain:train", "pretrain")
-    return train(cfg)
+    code = train(cfg)
+    if code == 0:  # leave the process group together: a rank exiting first made gloo abort its peer (SIGABRT)
+        du.destroy()
+    return code
 
 
 def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, Position], None] | None = None) -> int:

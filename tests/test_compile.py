@@ -36,26 +36,6 @@ def test_compile_with_zero3_is_refused():
     assert EngineConfig(zero_stage=2, compile=True).compile
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    import torch.distributed as dist
-
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
-    from ptrain import distributed as du
-
-    du.init()
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def _run(compile_: bool, steps: int = 3):
     """Losses and final weights of ``steps`` ZeRO-2 steps on fixed batches (the 2nd step unmasked)."""
     from ptrain.masking import build_token_masker

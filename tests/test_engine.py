@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-from net import free_port
 from ptrain import optim as O
 from ptrain.configs import EngineConfig, OptimConfig
 from ptrain.loss import build_loss
@@ -120,27 +119,6 @@ def test_freeze_layer_num_follows_clip4clip():
 
 
 # ---------------------------------------------------------------------------------------------- engine
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A gloo process group of one for this module, torn down afterwards (other tests expect none)."""
-    import torch.distributed as dist
-
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
-    from ptrain import distributed as du
-
-    du.init()
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _batch(seed, B=4):
