@@ -31,7 +31,7 @@ from ptrain import distributed as du
 from ptrain.config import dump_config
 from ptrain.configs import FinetuneConfig
 from ptrain.logging import RunLogger
-from ptrain.loop import Cadence, Position, failure, fit, peak_flops, report_failure
+from ptrain.loop import Cadence, Position, failure, fit, peak_flops, report_failure, run_recipe
 from ptrain.model.config import ModelConfig
 
 # ModelConfig fields a fine-tune may set on top of an export's architecture (how it trains, not what it is)
@@ -92,21 +92,8 @@ def preflight(cfg: FinetuneConfig):
 
 
 def run(cfg: FinetuneConfig) -> int:
-    """``ptrain finetune``: this process is a rank (a launcher's, or a world of one), or with ``ray.enabled`` the driver
-    of Ray Train workers that each run :func:`train` (``ptrain/cluster.py``)."""
-    if cfg.ray.enabled:
-        if du.launched():
-            print(f"ptrain finetune: ray.enabled=true in a rank that a launcher started ({du.launcher_name()}): Ray Train "
-                  "starts its own workers; run `ptrain finetune CONFIG ray.enabled=true` once (or `ptrain submit "
-                  "finetune CONFIG`), or drop ray.enabled to train under this launcher", file=sys.stderr, flush=True)
-            return 2
-        from ptrain.cluster import train_on_ray
-
-        return train_on_ray(cfg, "ptrain.finetune:train", "finetune")
-    code = train(cfg)
-    if code == 0:  # leave the process group together: a rank exiting first made gloo abort its peer (SIGABRT)
-        du.destroy()
-    return code
+    """``ptrain finetune``: a rank running :func:`train`, or with ``ray.enabled`` the driver of Ray Train workers."""
+    return run_recipe(cfg, "finetune", train)
 
 
 def train(cfg: FinetuneConfig, on_checkpoint: Callable[[Path, Position], None] | None = None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,3 +285,21 @@ def report_failure(e: BaseException, run_dir: str | Path, latest: Path | None) -
     if e.code == EXIT_LOST_RANK:
         time.sleep(LOST_PEER_EXIT_DELAY_S)
     return e.code
+
+
+def run_recipe(cfg, verb: str, train: Callable[[Any], int]) -> int:
+    """``ptrain VERB`` for a training recipe: this process is a rank (a launcher's, or a world of one) and runs
+    ``train(cfg)``, or with ``ray.enabled`` the driver of Ray Train workers that each run ``ptrain.VERB:train``."""
+    if cfg.ray.enabled:
+        if du.launched():
+            print(f"ptrain {verb}: ray.enabled=true in a rank that a launcher started ({du.launcher_name()}): Ray Train "
+                  f"starts its own workers; run `ptrain {verb} CONFIG ray.enabled=true` once (or `ptrain submit "
+                  f"{verb} CONFIG`), or drop ray.enabled to train under this launcher", file=sys.stderr, flush=True)
+            return 2
+        from ptrain.cluster import train_on_ray
+
+        return train_on_ray(cfg, f"ptrain.{verb}:train", verb)
+    code = train(cfg)
+    if code == 0:  # leave the process group together: a rank exiting first made gloo abort its peer (SIGABRT)
+        du.destroy()
+    return code

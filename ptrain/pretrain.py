@@ -26,7 +26,7 @@ from ptrain import distributed as du
 from ptrain.config import dump_config
 from ptrain.configs import PretrainConfig
 from ptrain.logging import RunLogger
-from ptrain.loop import Cadence, Position, failure, fit, peak_flops, report_failure
+from ptrain.loop import Cadence, Position, failure, fit, peak_flops, report_failure, run_recipe
 
 
 def preflight(cfg: PretrainConfig):
@@ -52,21 +52,8 @@ def preflight(cfg: PretrainConfig):
 
 
 def run(cfg: PretrainConfig) -> int:
-    """``ptrain pretrain``: this process is a rank (a launcher's, or a world of one), or with ``ray.enabled`` the driver
-    of Ray Train workers that each run :func:`train` (``ptrain/cluster.py``)."""
-    if cfg.ray.enabled:
-        if du.launched():
-            print(f"ptrain pretrain: ray.enabled=true in a rank that a launcher started ({du.launcher_name()}): Ray Train "
-                  "starts its own workers; run `ptrain pretrain CONFIG ray.enabled=true` once (or `ptrain submit "
-                  "pretrain CONFIG`), or drop ray.enabled to train under this launcher", file=sys.stderr, flush=True)
-            return 2
-        from ptrain.cluster import train_on_ray
-
-        return train_on_ray(cfg, "ptrain.pretrain:train", "pretrain")
-    code = train(cfg)
-    if code == 0:  # leave the process group together: a rank exiting first made gloo abort its peer (SIGABRT)
-        du.destroy()
-    return code
+    """``ptrain pretrain``: a rank running :func:`train`, or with ``ray.enabled`` the driver of Ray Train workers."""
+    return run_recipe(cfg, "pretrain", train)
 
 
 def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, Position], None] | None = None) -> int:

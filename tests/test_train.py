@@ -220,3 +220,17 @@ def test_single_process_eval_encodes_only_real_rows(tmp_path):
     emb = embed(model, loader)
     assert model.seen == [4, 1]  # 5 samples in batches of 4: the second batch's 3 padding rows are skipped
     assert len(emb["items"]) == 5 and emb["video"].shape == (5, 2)
+
+
+@pytest.mark.parametrize("verb, config", [("pretrain", "configs/demo/pretrain_tiny.yaml"),
+                                           ("finetune", "configs/demo/finetune_tiny.yaml")])
+def test_ray_train_inside_a_launched_rank_is_refused_with_the_fix(verb, config, tmp_path):
+    """ray.enabled=true in a process a launcher started would start Ray Train workers from every rank."""
+    env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+    extra = ["init=tiny"] if verb == "finetune" else []
+    proc = subprocess.run([sys.executable, "-m", "ptrain", verb, str(REPO / config), "ray.enabled=true",
+                           f"run_dir={tmp_path / 'run'}", *extra], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"ptrain {verb}: ray.enabled=true in a rank that a launcher started" in proc.stderr
+    assert f"run `ptrain {verb} CONFIG ray.enabled=true` once" in proc.stderr
+    assert not (tmp_path / "run").exists()

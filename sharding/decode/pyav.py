@@ -13,9 +13,10 @@ variable-frame-rate files are handled. ``av`` is imported inside the functions: 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from sharding.decode.frames import Frames, flatten_targets, output_size
 from sharding.decode.video import ExtractError, VideoInfo, truncation
@@ -62,10 +63,10 @@ def header_duration(path: Path) -> float:
         return math.inf
 
 
-def video_duration(path: Path) -> float:
-    """Seconds of the video stream, without decoding: what its header states or, when it states none, where its
-    packets end (read from the packet index). What a benchmark sample over the whole video is placed on.
-    ExtractError (classified as ``extract`` classifies) when the file cannot be read or has no video stream."""
+@contextmanager
+def _open_video(path: Path) -> Iterator[tuple[Any, Any]]:
+    """``(container, first video stream)`` of ``path``, closed on exit; ExtractError classified (unreadable, no
+    video stream) when it cannot be opened."""
     import av
 
     try:
@@ -76,7 +77,16 @@ def video_duration(path: Path) -> float:
         if not container.streams.video:
             kinds = ", ".join(s.type for s in container.streams) or "none"
             raise ExtractError("no_video_stream", f"{path}: no video stream (streams: {kinds})")
-        stream = container.streams.video[0]
+        yield container, container.streams.video[0]
+
+
+def video_duration(path: Path) -> float:
+    """Seconds of the video stream, without decoding: what its header states or, when it states none, where its
+    packets end (read from the packet index). What a benchmark sample over the whole video is placed on.
+    ExtractError (classified as ``extract`` classifies) when the file cannot be read or has no video stream."""
+    import av
+
+    with _open_video(path) as (container, stream):
         stated = _stated_duration(container, stream)
         if 0 < stated < math.inf:
             return stated
@@ -144,15 +154,7 @@ def extract(path: Path, clips, frames: Frames, threads: int) -> VideoInfo:
     """Decode ``path`` forward once through the sorted targets of ``clips`` into ``frames``; the VideoInfo."""
     import av
 
-    try:
-        container = av.open(str(path), mode="r")
-    except Exception as e:  # noqa: BLE001 - classify every opening failure
-        raise _classify_av_error(path, e) from None
-    with container:
-        if not container.streams.video:
-            kinds = ", ".join(s.type for s in container.streams) or "none"
-            raise ExtractError("no_video_stream", f"{path}: no video stream (streams: {kinds})")
-        stream = container.streams.video[0]
+    with _open_video(path) as (container, stream):
         ctx = stream.codec_context
         if ctx is None or ctx.name is None:
             raise ExtractError("unsupported", f"{path}: no decoder for this video codec")
