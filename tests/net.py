@@ -1,10 +1,30 @@
-"""Loopback ports and process sessions for the tests."""
+"""Loopback ports, process sessions and the environment of the ranks the tests start."""
 
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
+
+
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "NUM_GPUS", "HOSTFILE")
+
+
+def rank_env(**extra: str | None) -> dict[str, str]:
+    """The environment for a `ptrain` / launcher subprocess: CPU accelerator, one thread per rank whatever the
+    machine's core count (so runs compared with each other compute alike), warnings off, this venv's scripts on
+    PATH, and none of the pytest process's own rank variables. ``extra`` overrides; a None value removes the key."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    for k in RANK_VARS:
+        env.pop(k, None)
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
 
 
 def free_port() -> int:

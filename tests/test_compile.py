@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from data_fixtures import write_shards
-from net import free_port
+from net import free_port, rank_env
 from ptrain.configs import EngineConfig
 from ptrain.loss import build_loss
 from ptrain.model import ModelConfig
@@ -109,12 +109,7 @@ def test_a_compile_failure_on_the_first_forward_falls_back_to_eager(world_of_one
 
 
 def _env(**extra):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "NUM_GPUS", "HOSTFILE"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
+    return rank_env(**{"PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS"), **extra})
 
 
 def _overrides(shards: Path, run: Path, *more: str) -> list[str]:

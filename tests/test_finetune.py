@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from data_fixtures import make_frame, write_shard
+from net import rank_env
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["model.head=seqTransf", "model.num_frames=3", "model.frame_size=32", "model.max_words=12",
@@ -24,11 +25,7 @@ TINY = ["model.head=seqTransf", "model.num_frames=3", "model.frame_size=32", "mo
 
 
 def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+    return rank_env()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from data_fixtures import write_shards
+from net import rank_env
 from ptrain import checkpoint as ckpt
 from ptrain.configs import CheckpointConfig
 
@@ -29,10 +30,7 @@ OPTIM_PT = "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 
 def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+    return rank_env()
 
 
 def _pretrain(run: Path, shards: Path, *extra: str) -> subprocess.CompletedProcess:

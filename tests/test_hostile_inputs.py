@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from data_fixtures import write_shards
-from net import free_port
+from net import free_port, rank_env
 from ptrain.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,12 +30,7 @@ TINY = ["model.clip=tiny", "model.num_frames=3", "model.frame_size=32", "model.m
 
 
 def _env(**extra):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "NUM_GPUS", "HOSTFILE"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
+    return rank_env(**extra)
 
 
 def _one_line(stderr: str, prefix: str) -> str:

@@ -6,7 +6,6 @@ exactly."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from data_fixtures import write_shards
+from net import rank_env
 from ptrain.loss import build_loss
 from ptrain.masking import MASK_TAG, TokenMasker, build_token_masker, draw_keep
 from ptrain.model import ModelConfig, build_model
@@ -228,10 +228,7 @@ def test_resume_and_another_world_size_draw_the_same_masks(shards):
 
 
 def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+    return rank_env()
 
 
 def _rows(run):

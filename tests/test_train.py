@@ -2,7 +2,6 @@
 the run directory contract, a truncated shard skipped with a count, pruning, the export, eval."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_fixtures import write_shards
+from net import rank_env
 from ptrain.config import load_config
 from ptrain.configs import PretrainConfig
 
@@ -17,10 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+    return rank_env()
 
 
 @pytest.fixture(scope="module")

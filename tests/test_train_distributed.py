@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from net import free_port, session_pids
+from net import free_port, rank_env, session_pids
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +28,7 @@ STEPS = 60
 
 
 def _env(**extra):
-    # one thread per rank whatever the machine's core count, so the runs compared below compute alike
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "NUM_GPUS", "HOSTFILE"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
+    return rank_env(**extra)
 
 
 def _launch(config: Path, *overrides, flags=(), env=None, timeout=300) -> subprocess.CompletedProcess:
