@@ -474,7 +474,7 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
             while nxt is not None and len(inflight) < window:
                 kind, g, args = nxt
                 group_file = str(stored.group_file(g))
-                node, where = place.pick()
+                node, where = place.pick(kind, g)
                 if kind == "decode":
                     small, big = decode_remote.options(num_returns=2, scheduling_strategy=where, **task).remote(
                         group_file, args[0], args[1], opts, args[2])
@@ -529,10 +529,12 @@ def _execute(cfg, out: Path, stored: StoredPlan, pending: list[int], committed: 
 
 
 class _Placement:
-    """Where the next task goes: the alive node with the fewest of this job's tasks in flight per CPU. Ray's own
-    placement does not spread a stream of short tasks: a worker leased for one task runs the next ones of the same
-    kind too, so a whole job can run on the head while another node idles. The affinity is soft (a node that died
-    or left: Ray places the task elsewhere); nodes are re-read every REFRESH_S, so nodes that join are used."""
+    """Where the next task goes: the alive node with the fewest of this job's tasks in flight per CPU, or, for a
+    group's writer, the node that ran most of the group's decode tasks (its frames are in that node's object store:
+    nothing to move). Ray's own placement does not spread a stream of short tasks: a worker leased for one task runs
+    the next ones of the same kind too, so a whole job can run on the head while another node idles. The affinity
+    is soft (a node that died or left: Ray places the task elsewhere); nodes are re-read every REFRESH_S, so nodes
+    that join are used."""
 
     REFRESH_S = 30.0
 
@@ -541,6 +543,7 @@ class _Placement:
 
         self.ray, self.cpus_per_task, self.affinity = ray, cpus_per_task, NodeAffinitySchedulingStrategy
         self.load: Counter = Counter()  # node id -> this job's tasks in flight placed there
+        self.decoded_on: dict[int, Counter] = defaultdict(Counter)  # group -> nodes of its decode tasks so far
         self.cpus: dict[str, float] = {}
         self._t = 0.0
         self.refresh()
@@ -551,14 +554,23 @@ class _Placement:
                      if n["Alive"] and n["Resources"].get("CPU", 0.0) >= self.cpus_per_task}
         self._t = time.monotonic()
 
-    def pick(self):
-        """``(node id, scheduling strategy)``; ``(None, "SPREAD")`` while no node has the CPUs (a cluster that is
-        still growing: Ray places the task when one joins)."""
+    def pick(self, kind: str, group: int):
+        """``(node id, scheduling strategy)`` for group ``group``'s next ``decode`` task or its ``write`` task (which
+        comes after all its decodes); ``(None, "SPREAD")`` while no node has the CPUs (a cluster that is still
+        growing: Ray places the task when one joins)."""
         if time.monotonic() - self._t > self.REFRESH_S:
             self.refresh()
+        near = self.decoded_on.pop(group, Counter()).most_common(1) if kind == "write" else []
         if not self.cpus:
+            node = None
+        elif near and near[0][0] in self.cpus:  # the writer: where most of its group's frames are, if still alive
+            node = near[0][0]
+        else:
+            node = min(self.cpus, key=lambda n: self.load[n] / self.cpus[n])
+        if kind == "decode":
+            self.decoded_on[group][node] += 1
+        if node is None:
             return None, "SPREAD"
-        node = min(self.cpus, key=lambda n: self.load[n] / self.cpus[n])
         self.load[node] += 1
         return node, self.affinity(node_id=node, soft=True)
 

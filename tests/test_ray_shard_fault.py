@@ -61,6 +61,56 @@ def test_jobs_list_shows_a_shard_jobs_progress_from_its_output(tmp_path):
     assert _progress({"ptrain_verb": "pretrain", "ptrain_output": str(out)}) == "-"
 
 
+class _FakeRay:
+    """``ray.nodes()`` as the placement reads it: node id -> CPUs, and which nodes are alive."""
+
+    def __init__(self, cpus: dict[str, float]):
+        self.cpus, self.dead = dict(cpus), set()
+
+    def nodes(self):
+        return [{"NodeID": n, "Alive": n not in self.dead, "Resources": {"CPU": c}} for n, c in self.cpus.items()]
+
+
+def test_placement_spreads_by_load_per_cpu_and_sends_a_writer_to_its_decodes_node():
+    from sharding.job import _Placement
+
+    a, b, c = ("%056x" % i for i in (1, 2, 3))  # Ray node ids are 28 bytes of hex
+    ray = _FakeRay({a: 2.0, b: 1.0, c: 0.5})  # c cannot hold a 1-CPU task: never used
+    place = _Placement(ray, cpus_per_task=1.0)
+
+    picks = [place.pick("decode", 0) for _ in range(3)] + [place.pick("decode", 1)]
+    # tasks in flight per CPU: a 0 -> 0.5 -> ... ; the fewest wins, ties to the first node
+    assert [node for node, _ in picks] == [a, b, a, a]
+    node, where = picks[1]
+    assert (where.node_id, where.soft) == (b, True)
+    assert place.load == {a: 3, b: 1}
+
+    # group 0's writer goes where two of its three decodes were, though a is the busier node (3 / 2 > 1 / 1)
+    assert place.pick("write", 0)[0] == a and place.load[a] == 4
+    for node in (a, a, a, a):
+        place.release(node)
+    place.release(b)
+    assert place.load == {a: 0, b: 0}
+
+    # a group whose decodes ran on two nodes equally: its first decode's node
+    ray2 = _FakeRay({a: 1.0, b: 1.0})
+    place = _Placement(ray2, cpus_per_task=1.0)
+    assert [place.pick("decode", 7)[0] for _ in range(2)] == [a, b]
+    assert place.pick("write", 7)[0] == a
+
+    # a writer whose decodes' node died: the least loaded live node; the record of the group is dropped
+    # in flight a 2, b 1 -> b; a 2, b 2 -> a (the first); a 3, b 2 -> b: two of group 8's three decodes on b
+    assert [place.pick("decode", 8)[0] for _ in range(3)] == [b, a, b]
+    ray2.dead.add(b)
+    place.refresh()
+    assert place.pick("write", 8)[0] == a and 8 not in place.decoded_on
+
+    # no node with the CPUs (a cluster still growing): Ray's SPREAD, nothing counted
+    place = _Placement(_FakeRay({c: 0.5}), cpus_per_task=1.0)
+    assert place.pick("decode", 0) == (None, "SPREAD") and place.pick("write", 0) == (None, "SPREAD")
+    assert not place.load
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_decode_on_the_second_node_costs_nothing(sample_corpus, tmp_path):
     from ray.job_submission import JobSubmissionClient
