@@ -3,6 +3,7 @@ and at equal wall time.
 
     python benchmarks/bench_masking_demo.py                                  # 200 videos, 400 steps, seeds 0 1 2
     python benchmarks/bench_masking_demo.py --modes frame --seeds 0 1 2 3 --steps 800 --videos 360
+    python benchmarks/bench_masking_demo.py --vision 128,4,8 --modes frame --equal-time   # a vision tower that dominates
 
 The pipeline is launch/demo.sh's, scaled down and driven through the CLIs (subprocesses, no training code here):
 
@@ -18,6 +19,15 @@ The pipeline is launch/demo.sh's, scaled down and driven through the CLIs (subpr
    ``RUN/metrics.jsonl`` (launch and start-up, the same for every run, excluded). For each seed and mask mode the
    unmasked run's checkpoint whose training time is nearest the masked run's total is evaluated and set against
    the finished masked run. (That checkpoint is mid-schedule: its learning rate has not decayed to zero.)
+6. ``--equal-time``: the fair budget comparison (FLIP's): per seed and mask mode one more masked run with its own
+   full schedule of ``steps x (unmasked s/step) / (masked s/step)`` steps (rounded to ``--every``), the per-step
+   times measured in this seed's two equal-step runs, so that it trains as long as the unmasked run. Its held-out
+   R@1 is set against the finished unmasked run's, and both training times are reported.
+
+``--vision W,L,P`` replaces the tiny CLIP's vision tower (width 32, 2 layers, 16 px patches: 16 tokens per frame, a
+small part of a step) by a random-init one of width W, L layers and P-pixel patches (the text tower stays tiny),
+written once under WORK as a Hugging Face directory and given to every run as ``model.clip``. A real ViT-B/32 at 12
+frames spends most of a step in its vision tower; this is how the demo gets there on a CPU.
 
 Prints a markdown table and writes ``--out`` (JSON, rewritten after every run so a partial result survives).
 Re-running reuses the corpus, shards, finished runs and evaluations under ``--work``.
@@ -90,10 +100,36 @@ def train_times(run: Path) -> dict[int, float]:
     return {r["step"]: r["time"] - t1 for r in recs}
 
 
-def pretrain(work: Path, name: str, seed: int, extra: list[str], args) -> dict:
+def vision_clip(work: Path, spec: str, frame_size: int = 64) -> Path:
+    """A random-init CLIP with the tiny text tower and a vision tower ``W,L,P`` (width, layers, patch), saved once."""
+    width, layers, patch = (int(x) for x in spec.split(","))
+    out = work / f"clip_vision_{width}_{layers}_{patch}"
+    if (out / "config.json").is_file():
+        return out
+    if frame_size % patch or width % 32:
+        raise SystemExit(f"--vision {spec}: the patch must divide {frame_size} and the width be a multiple of 32")
+    code = (
+        "import math, sys, torch\n"
+        "from transformers import CLIPConfig, CLIPModel\n"
+        "w, l, p, size, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]\n"
+        "torch.manual_seed(0)\n"
+        "v = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=l, num_attention_heads=w // 32,\n"
+        "         patch_size=p, image_size=size, hidden_act='quick_gelu')\n"
+        "t = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,\n"
+        "         max_position_embeddings=77, hidden_act='quick_gelu', eos_token_id=49407, bos_token_id=49406,\n"
+        "         pad_token_id=0)\n"
+        "cfg = CLIPConfig(text_config=t, vision_config=v, projection_dim=32, logit_scale_init_value=math.log(1 / 0.07))\n"
+        "CLIPModel(cfg).save_pretrained(out)\n")
+    sh([sys.executable, "-c", code, str(width), str(layers), str(patch), str(frame_size), str(out)],
+       work / "clip_vision.log")
+    return out
+
+
+def pretrain(work: Path, name: str, seed: int, extra: list[str], args, steps: int | None = None) -> dict:
     """One pretraining run (reused when its final checkpoint exists): its wall times and load averages."""
+    steps = steps or args.steps
     run = work / "runs" / name
-    final = run / "checkpoints" / f"step_{args.steps:08d}"
+    final = run / "checkpoints" / f"step_{steps:08d}"
     info_f = run / "bench_run.json"
     if (final / "export" / "config.json").is_file() and info_f.is_file():
         return json.loads(info_f.read_text())
@@ -101,12 +137,12 @@ def pretrain(work: Path, name: str, seed: int, extra: list[str], args) -> dict:
     before = load1()
     print(f"== pretrain {name} (load {before:.1f})", flush=True)
     wall = sh([str(ROOT / "launch" / "pretrain.sh"), str(CONFIG), f"model.head={args.head}", f"seed={seed}",
-               f"max_steps={args.steps}", f"data.sources=[{work / 'shards_train'}]", f"run_dir={run}",
+               f"max_steps={steps}", f"data.sources=[{work / 'shards_train'}]", f"run_dir={run}",
                f"log.every_steps={args.every}", f"checkpoint.every_steps={args.every}", "checkpoint.keep_last=100000",
                "log.tensorboard=false", *extra], work / f"{name}.log", env)
     times = train_times(run)
-    info = {"name": name, "seed": seed, "overrides": extra, "process_wall_s": round(wall, 1),
-            "train_wall_s": round(times[args.steps], 1),
+    info = {"name": name, "seed": seed, "steps": steps, "overrides": extra, "process_wall_s": round(wall, 1),
+            "train_wall_s": round(times[steps], 1),
             "step_times_s": {str(k): round(v, 2) for k, v in times.items()},
             "load_before": round(before, 2), "load_after": round(load1(), 2)}
     info_f.write_text(json.dumps(info, indent=1))
@@ -144,6 +180,10 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["frame", "tube"], choices=["frame", "tube"])
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--head", default="TDB", help="model.head (the config's is TDB)")
+    ap.add_argument("--vision", default="", metavar="W,L,P",
+                    help="random-init vision tower (width, layers, patch px) instead of the tiny one; '' = tiny")
+    ap.add_argument("--equal-time", action="store_true",
+                    help="also a masked run with a full schedule as long in training time as the unmasked run")
     ap.add_argument("--every", type=int, default=25, help="log and checkpoint every N steps (equal-wall-time points)")
     ap.add_argument("--master-port", type=int, default=29617)
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default WORK/results.json)")
@@ -157,17 +197,19 @@ def main() -> None:
     corpus(work, args.videos)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings.update(config=str(CONFIG.relative_to(ROOT)), ranks=2, accelerator="cpu", cpu_count=os.cpu_count())
-    results: dict = {"settings": settings, "runs": {}, "evals": {}, "equal_wall": []}
+    results: dict = {"settings": settings, "runs": {}, "evals": {}, "equal_wall": [], "equal_time": []}
+    common = [f"model.clip={vision_clip(work, args.vision)}"] if args.vision else []
 
     def save() -> None:
         out.write_text(json.dumps(results, indent=1))
 
-    variants = [("none", [])] + [(m, [f"model.mask_ratio={args.ratio}", f"model.mask_mode={m}"]) for m in args.modes]
+    masked = {m: [f"model.mask_ratio={args.ratio}", f"model.mask_mode={m}"] for m in args.modes}
+    variants = [("none", [])] + list(masked.items())
     # seeds outer, variants inner: the runs compared with each other are measured close in time (shared machine)
     for seed in args.seeds:
         for mode, extra in variants:
             name = f"{mode}_s{seed}"
-            results["runs"][name] = pretrain(work, name, seed, extra, args)
+            results["runs"][name] = pretrain(work, name, seed, common + extra, args)
             results["evals"][name] = evaluate(work, name, args.steps)
             save()
         base = results["runs"][f"none_s{seed}"]
@@ -180,6 +222,17 @@ def main() -> None:
                                           "unmasked_step": step, "unmasked_wall_s": base_times[step],
                                           "unmasked": e, "masked": results["evals"][f"{mode}_s{seed}"]})
             save()
+            if args.equal_time:
+                # per-step times of this seed's equal-step runs -> the steps the masked run gets in the same time
+                speed = base["train_wall_s"] / m["train_wall_s"]
+                steps = max(args.every, round(args.steps * speed / args.every) * args.every)
+                name = f"{mode}_eqt_s{seed}"
+                results["runs"][name] = r = pretrain(work, name, seed, common + masked[mode], args, steps)
+                results["evals"][name] = ev = evaluate(work, name, steps)
+                results["equal_time"].append({"seed": seed, "mode": mode, "speed": round(speed, 3), "steps": steps,
+                                              "masked_wall_s": r["train_wall_s"], "unmasked_wall_s": base["train_wall_s"],
+                                              "masked": ev, "unmasked": results["evals"][f"none_s{seed}"]})
+                save()
     results["total_wall_s"] = round(time.time() - t_start, 1)
     report(results, args)
     save()
@@ -224,22 +277,34 @@ def report(results: dict, args) -> None:
               f"[{base['t95_lo']:.2f}, {base['t95_hi']:.2f}]; paired by seed: "
               f"{' / '.join(f'{d:+.1f}' for d in pairs)}, mean {paired['mean']:+.2f}, "
               f"t 95% [{paired['t95_lo']:+.2f}, {paired['t95_hi']:+.2f}]")
-    if results["equal_wall"]:
-        print("\nEqual wall time: the masked run's training time vs the unmasked run's nearest checkpoint\n")
-        print("| seed | mask mode | masked: wall s, R@1, R@5 | unmasked at that time: step, wall s, R@1, R@5 "
-              "| R@1 masked - unmasked |")
-        print("|---:|---|---|---|---:|")
-        for r in results["equal_wall"]:
-            d = r["masked"]["t2v_R1"] - r["unmasked"]["t2v_R1"]
-            print(f"| {r['seed']} | {r['mode']} | {r['masked_wall_s']:.0f}, {r['masked']['t2v_R1']:.1f}, "
-                  f"{r['masked']['t2v_R5']:.1f} | {r['unmasked_step']}, {r['unmasked_wall_s']:.0f}, "
-                  f"{r['unmasked']['t2v_R1']:.1f}, {r['unmasked']['t2v_R5']:.1f} | {d:+.1f} |")
+    def cell(e: dict) -> str:
+        return f"{e['t2v_R1']:.1f}, {e['t2v_R5']:.1f}"
+
+    comparisons = {  # results key -> title, the table's middle header cells, a row's middle cells
+        "equal_wall": ("Equal wall time: the masked run's training time vs the unmasked run's nearest checkpoint",
+                       "| masked: wall s, R@1, R@5 | unmasked at that time: step, wall s, R@1, R@5 ", "|---|---",
+                       lambda r: f"| {r['masked_wall_s']:.0f}, {cell(r['masked'])} | {r['unmasked_step']}, "
+                                 f"{r['unmasked_wall_s']:.0f}, {cell(r['unmasked'])} "),
+        "equal_time": ("Equal training time, full schedules: the masked run gets the steps the unmasked run's time "
+                       f"buys (its speed-up per step measured in this seed's {args.steps}-step runs)",
+                       "| speed-up per step | masked: steps, wall s, R@1, R@5 | unmasked: steps, wall s, R@1, R@5 ",
+                       "|---:|---|---",
+                       lambda r: f"| {r['speed']:.2f}x | {r['steps']}, {r['masked_wall_s']:.0f}, {cell(r['masked'])} "
+                                 f"| {args.steps}, {r['unmasked_wall_s']:.0f}, {cell(r['unmasked'])} "),
+    }
+    for key, (title, header, rule, middle) in comparisons.items():
+        if not results[key]:
+            continue
+        print(f"\n{title}\n\n| seed | mask mode {header}| R@1 masked - unmasked |\n|---:|---{rule}|---:|")
+        for r in results[key]:
+            print(f"| {r['seed']} | {r['mode']} {middle(r)}| {r['masked']['t2v_R1'] - r['unmasked']['t2v_R1']:+.1f} |")
         for mode in args.modes:
-            ds = [r["masked"]["t2v_R1"] - r["unmasked"]["t2v_R1"] for r in results["equal_wall"] if r["mode"] == mode]
+            ds = [r["masked"]["t2v_R1"] - r["unmasked"]["t2v_R1"] for r in results[key] if r["mode"] == mode]
             if ds:
-                summary.setdefault(mode, {})["equal_wall_R1_diff_mean"] = statistics.fmean(ds)
-                print(f"{label[mode]} at equal wall time: mean R@1 difference {statistics.fmean(ds):+.2f} "
-                      f"over {len(ds)} seeds")
+                summary.setdefault(mode, {})[f"{key}_R1_diff"] = iv = interval(ds)
+                print(f"{label[mode]}, {key.replace('_', ' ')}: R@1 masked - unmasked "
+                      f"{' / '.join(f'{d:+.1f}' for d in ds)}, mean {iv['mean']:+.2f}"
+                      + (f", t 95% [{iv['t95_lo']:+.2f}, {iv['t95_hi']:+.2f}]" if len(ds) > 1 else ""))
     results["summary"] = summary
 
 
