@@ -636,13 +636,26 @@ def _exit_code(error: BaseException) -> int:
     return 1
 
 
+def single_machine_ray():
+    """``ray`` in its single-machine mode, for a Ray of our own on this machine: every port on loopback. In its
+    multi-node default Ray replaces 127.0.0.1 by the machine's address, so a Ray that ``ray.init()`` starts listens
+    on all interfaces, and a driver cannot reach a GCS that listens on loopback only (it retries for many minutes;
+    docs/ray.md). Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when it is first imported: where an earlier
+    import (the caller's, a library's, another test's) read it unset, the mode is set on the imported module too."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    return ray
+
+
 def _init_ray(address: str | None):
     joining = bool(address or os.environ.get("RAY_ADDRESS"))
-    if not joining:
-        # A Ray of our own on this machine: every port on loopback. Without this Ray replaces 127.0.0.1 by the
-        # machine's address and listens on all interfaces (its own multi-node default; docs/ray.md).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
+    if joining:
+        import ray
+    else:
+        ray = single_machine_ray()
 
     if ray.is_initialized():
         return ray

@@ -239,8 +239,6 @@ def _start_ray(cfg, lock_fd: int):
     """``(ray, local head or None, connected here)``: joins ``ray.address``, or starts a local Ray that dies with
     this driver; a Ray this process is already connected to is used as it is (and left connected)."""
     if not cfg.ray.address:
-        # Ray's single-machine mode: a local Ray keeps its 127.0.0.1 address, so it listens on loopback only
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if "ray" not in sys.modules:
             # Ray reads its authentication mode from the environment once, when it is imported: the local head
             # and this driver must agree, so decide it before the import (token authentication, Ray's default)
@@ -249,7 +247,13 @@ def _start_ray(cfg, lock_fd: int):
             # a token of this driver's own, in its environment (and so its local Ray's): nothing is written to
             # ~/.ray, and a machine where Ray never made a token works too (ray start refuses to run without one)
             os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    import ray
+        from ptrain.cluster import single_machine_ray
+
+        # Ray's single-machine mode: the local Ray keeps its 127.0.0.1 address (it listens on loopback only), and so
+        # must this driver, even where ray was imported before (else it dials the machine's address and hangs)
+        ray = single_machine_ray()
+    else:
+        import ray
 
     head = None
     connected_here = not ray.is_initialized()

@@ -292,6 +292,28 @@ def test_hung_decoder_is_killed_and_the_job_goes_on(corpus, tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["samples"] > 0
 
 
+def test_a_driver_that_imported_ray_first_still_reaches_its_local_ray(corpus, tmp_path):
+    """Ray reads its single-machine switch when it is first imported. A driver that imported ray before ptrain chose
+    that mode dialled the machine's address while its local Ray listened on loopback only, and retried for about 14
+    minutes before failing (seen when a test that imports ray ran first). Run where nothing else imported ray."""
+    rows = (corpus / "HowTo100M_v1.csv").read_text().splitlines()
+    (tmp_path / "two.csv").write_text("\n".join(rows[:3]) + "\n")  # header + two videos: a short job
+    args = [f"videos={corpus / 'videos'}", f"captions={corpus / 'caption.json'}", f"out={tmp_path / 'out'}",
+            f"video_list={tmp_path / 'two.csv'}", *SETTINGS]
+    code = ("import sys\nimport ray  # first, with Ray's multi-node default\n"
+            "from ptrain.config import load_config\nfrom sharding.config import ShardConfig\n"
+            "from sharding.job import run\nsys.exit(run(load_config(ShardConfig, None, sys.argv[1:])))")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                              timeout=240, start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"the driver never reached its local Ray:\n{(e.stderr or b'')[-2000:]!r}") from None
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Failed to connect to GCS" not in proc.stderr, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
+
+
 def test_malformed_captions_fail_fast(tmp_path, capsys):
     (tmp_path / "videos").mkdir()
     (tmp_path / "caption.json").write_text(json.dumps({"abc": {"start": [0, 1], "end": [1], "text": ["x", "y"]}}))
