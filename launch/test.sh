@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install (launch/setup.sh --test), then run the whole test suite, slow tests included (CI runs this).
-#   bash launch/test.sh                 # everything: about 20 minutes on 2 CPU cores (604 tests in 20:58 from a clean clone)
-#   bash launch/test.sh -m "not slow"   # the quick part, what a plain `pytest` runs (575 tests; about 6 minutes: 574 ran in 5:49 at the previous stop)
+#   bash launch/test.sh                 # everything: about 20 minutes on 2 CPU cores (605 tests in 17:27 from a clean clone)
+#   bash launch/test.sh -m "not slow"   # the quick part, what a plain `pytest` runs (576 tests in 4:52)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh --test
