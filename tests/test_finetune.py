@@ -24,10 +24,6 @@ TINY = ["model.head=seqTransf", "model.num_frames=3", "model.frame_size=32", "mo
         "benchmark=toy"]
 
 
-def _env():
-    return rank_env()
-
-
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """train (8 videos), val and test (4 each); video v has v % 3 + 1 captions; a tiny seqTransf export."""
@@ -53,7 +49,7 @@ def bench(tmp_path_factory):
 def _finetune(root, *overrides, timeout=400):
     """`ptrain finetune` in one process (a world of one) on the module's shards, from its tiny export."""
     args = [f"init={root / 'init'}", f"data.sources=[{root / 'train'}]", *TINY, *overrides]
-    return subprocess.run([sys.executable, "-m", "ptrain", "finetune", *args], cwd=root, env=_env(),
+    return subprocess.run([sys.executable, "-m", "ptrain", "finetune", *args], cwd=root, env=rank_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -72,7 +68,7 @@ def test_two_ranks_select_on_validation_and_test_once(bench, tmp_path):
     proc = subprocess.run([*launcher, str(REPO / "configs" / "demo" / "finetune_tiny.yaml"), f"run_dir={run}",
                            f"init={bench / 'init'}", f"data.sources=[{bench / 'train'}]",
                            f"data.eval_sources=[{bench / 'val'}]", f"test=[{bench / 'test'}]", "epochs=2",
-                           *TINY], cwd=bench, env=_env(), capture_output=True, text=True, timeout=600)
+                           *TINY], cwd=bench, env=rank_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["kind"] == "eval"]
@@ -131,7 +127,7 @@ def test_an_interrupted_finetune_resumes_exactly(bench, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "ptrain", "finetune", f"init={bench / 'init'}", f"data.sources=[{bench / 'train'}]",
            *TINY, f"run_dir={run}", *common]
-    proc = subprocess.Popen(cmd, cwd=bench, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=bench, env=rank_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.time() + 300
     while not (run / "checkpoints" / "step_00000002" / "COMPLETE").exists():
@@ -139,7 +135,7 @@ def test_an_interrupted_finetune_resumes_exactly(bench, tmp_path):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    again = subprocess.run(cmd, cwd=bench, env=_env(), capture_output=True, text=True, timeout=400)
+    again = subprocess.run(cmd, cwd=bench, env=rank_env(), capture_output=True, text=True, timeout=400)
     assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr[-3000:]
 
     def losses(d):

@@ -29,13 +29,9 @@ MODEL_PT = "deepspeed/mp_rank_00_model_states.pt"
 OPTIM_PT = "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 
-def _env():
-    return rank_env()
-
-
 def _pretrain(run: Path, shards: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ptrain", "pretrain", f"run_dir={run}", f"data.sources=[{shards}]",
-                           *OVERRIDES, *extra], env=_env(), capture_output=True, text=True, timeout=300)
+                           *OVERRIDES, *extra], env=rank_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +304,7 @@ def test_engine_load_reads_deepspeed_files_without_running_code(run, tmp_path):
     evil = Path(shutil.copytree(_step(run, 3), tmp_path / "evil"))
     victim = tmp_path / "PWNED"
     _evil_pickle(evil / MODEL_PT, victim)
-    proc = subprocess.run([sys.executable, "-c", _ENGINE_LOAD, str(_step(run, 3)), str(evil)], env=_env(),
+    proc = subprocess.run([sys.executable, "-c", _ENGINE_LOAD, str(_step(run, 3)), str(evil)], env=rank_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "equal True" in proc.stdout

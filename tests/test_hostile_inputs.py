@@ -29,10 +29,6 @@ TINY = ["model.clip=tiny", "model.num_frames=3", "model.frame_size=32", "model.m
         "engine.zero_stage=1", "engine.precision=fp32", "engine.micro_batch_size=2", "log.tensorboard=false"]
 
 
-def _env(**extra):
-    return rank_env(**extra)
-
-
 def _one_line(stderr: str, prefix: str) -> str:
     """The single error line (no traceback anywhere)."""
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -127,7 +123,7 @@ def test_eval_batch_size_bound(data, capsys):
 def test_training_on_shards_where_every_sample_is_unreadable(data, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", f"run_dir={tmp_path / 'run'}", "max_steps=2",
                            f"data.sources=[{data['bad_jpg']}]", "data.max_substitutes=8", *TINY],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=rank_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = _one_line(proc.stderr, "ptrain: rank 0:")
     assert "data.sources: global sample 0 and 8 substitutes in a row were unreadable" in line
@@ -155,7 +151,7 @@ def test_streamed_training_on_unreadable_shards_stops_instead_of_looping(data, t
         d = Path(shutil.copytree(data["shards"], tmp_path / "garbage"))
         tar = d / "shard-000000.tar"
         tar.write_bytes(b"\xff" * tar.stat().st_size)
-    proc = subprocess.run([sys.executable, "-c", _STREAMED, f"pipe:cat {d}/shard-000000.tar"], env=_env(),
+    proc = subprocess.run([sys.executable, "-c", _STREAMED, f"pipe:cat {d}/shard-000000.tar"], env=rank_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DataUnreadable: data.sources:" in proc.stdout and "re-shard them" in proc.stdout
@@ -180,7 +176,7 @@ def test_a_read_only_run_directory(data, tmp_path):
     try:
         proc = subprocess.run([*_setpriv(), sys.executable, "-m", "ptrain", "pretrain", f"run_dir={run}",
                                "max_steps=1", f"data.sources=[{data['shards']}]", *TINY],
-                              env=_env(), capture_output=True, text=True, timeout=300)
+                              env=rank_env(), capture_output=True, text=True, timeout=300)
     finally:
         run.chmod(0o755)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -209,14 +205,14 @@ def test_a_run_directory_that_fills_up_mid_run_then_a_rerun_completes(data, tmp_
     run = tmp_path / "run"
     args = [sys.executable, "-m", "ptrain", "pretrain", f"run_dir={run}", "max_steps=1", "checkpoint.every_steps=1",
             f"data.sources=[{data['shards']}]", *TINY]
-    proc = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300,
+    proc = subprocess.run(args, env=rank_env(), capture_output=True, text=True, timeout=300,
                           preexec_fn=_file_size_limit(3 << 20))
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = _one_line(proc.stderr, "ptrain: rank 0:")
     assert f"could not write checkpoint {run / 'checkpoints' / 'step_00000001'}" in line
     assert "full, read-only or over quota" in line and "no intact checkpoint yet" in line
     assert not (run / "checkpoints" / "step_00000001" / "COMPLETE").exists()
-    again = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(args, env=rank_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
 
@@ -268,7 +264,7 @@ def test_launcher_runs_every_config_check_before_starting_ranks(data, tmp_path):
     config.write_text("max_steps: 1\n")
     for key, (overrides, want) in cases.items():
         proc = subprocess.run([str(LAUNCH), "--master-port", str(free_port()), str(config),
-                               f"run_dir={tmp_path / 'run'}", *overrides], env=_env(), capture_output=True,
+                               f"run_dir={tmp_path / 'run'}", *overrides], env=rank_env(), capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 2, (key, proc.stderr[-2000:])
         line = _one_line(proc.stderr, "launch/pretrain.sh:")
@@ -292,7 +288,7 @@ def test_a_taken_master_port_is_refused_by_the_launcher_at_once(data, tmp_path, 
     config = tmp_path / "c.yaml"
     config.write_text(f"max_steps: 1\ndata: {{sources: [{data['shards']}]}}\n")
     proc = subprocess.run([str(LAUNCH), "--master-port", str(taken_port), str(config), f"run_dir={tmp_path / 'run'}"],
-                          env=_env(), capture_output=True, text=True, timeout=120)
+                          env=rank_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = _one_line(proc.stderr, "launch/pretrain.sh:")
     assert f"MASTER_PORT={taken_port} is already in use on 127.0.0.1" in line and "--master-port P" in line
@@ -300,7 +296,7 @@ def test_a_taken_master_port_is_refused_by_the_launcher_at_once(data, tmp_path, 
 
 def test_a_rank_meeting_a_taken_port_fails_at_once(data, tmp_path, taken_port):
     """A launcher other than ours (RANK etc. set): rank 0 cannot bind the store; one line and exit 2, not a wait."""
-    env = _env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(taken_port))
+    env = rank_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(taken_port))
     proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", f"run_dir={tmp_path / 'run'}", "max_steps=1",
                            f"data.sources=[{data['shards']}]", *TINY, "engine.dist_timeout_s=600"],
                           env=env, capture_output=True, text=True, timeout=120)
@@ -310,7 +306,8 @@ def test_a_rank_meeting_a_taken_port_fails_at_once(data, tmp_path, taken_port):
 
 def test_a_world_of_one_ignores_an_inherited_taken_port(taken_port):
     code = "from ptrain import distributed as du; du.init(60); import torch.distributed as d; print(d.get_world_size())"
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(MASTER_PORT=str(taken_port), MASTER_ADDR="10.0.0.1"),
+    env = rank_env(MASTER_PORT=str(taken_port), MASTER_ADDR="10.0.0.1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr[-2000:]
 
@@ -342,7 +339,7 @@ def test_a_loopback_rendezvous_listens_on_loopback_only(addr):
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", _RANK], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR=addr,
+                              env=rank_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR=addr,
                                        MASTER_PORT=str(port)))
              for r in (0, 1)]
     try:

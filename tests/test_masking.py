@@ -18,7 +18,7 @@ import torch
 from data_fixtures import write_shards
 from net import rank_env
 from ptrain.loss import build_loss
-from ptrain.masking import MASK_TAG, TokenMasker, build_token_masker, draw_keep
+from ptrain.masking import MASK_TAG, TokenMasker, build_token_masker
 from ptrain.model import ModelConfig, build_model
 
 T, S = 4, 32  # tiny CLIP: 4x4 grid of 8-pixel patches -> N = 16
@@ -227,10 +227,6 @@ def test_resume_and_another_world_size_draw_the_same_masks(shards):
     assert torch.equal(torch.cat([p[1] for p in parts]), want)
 
 
-def _env():
-    return rank_env()
-
-
 def _rows(run):
     return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "train"}
@@ -247,7 +243,7 @@ def test_masked_pretrain_resumes_exactly_and_mfu_counts_the_kept_tokens(shards, 
               "engine.micro_batch_size=4", "engine.peak_tflops=1", "checkpoint.every_steps=2",
               "checkpoint.keep_last=5", "log.every_steps=1", "log.tensorboard=false", "optim.lr=1e-3",
               "optim.coef_lr=1", "optim.unmasked_tail_steps=2", "seed=3"]
-    proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", f"run_dir={run}", *common], env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", f"run_dir={run}", *common], env=rank_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "token masking: ratio 0.5 (frame), 8 of 16 patch tokens per frame kept" in proc.stderr
@@ -263,7 +259,7 @@ def test_masked_pretrain_resumes_exactly_and_mfu_counts_the_kept_tokens(shards, 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(run / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
-    proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", f"run_dir={resumed}", *common], env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", f"run_dir={resumed}", *common], env=rank_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     again = _rows(resumed)

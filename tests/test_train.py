@@ -16,10 +16,6 @@ from ptrain.configs import PretrainConfig
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _env():
-    return rank_env()
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("train1")
@@ -37,7 +33,7 @@ def trained(tmp_path_factory):
         "checkpoint.keep_last=2", "log.every_steps=1", "eval.every_steps=3", "eval.batch_size=8",
         "optim.lr=1e-3", "optim.coef_lr=1",
     ]
-    proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", *overrides], cwd=root, env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", *overrides], cwd=root, env=rank_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"run": run, "shards": shards, "log": proc.stderr, "root": root}
@@ -101,7 +97,7 @@ def test_export_loads_and_matches_the_consolidated_weights(trained):
 
 def test_rerun_resumes_and_finds_nothing_to_do(trained):
     proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", str(trained["run"] / "config.yaml")],
-                          cwd=trained["root"], env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=trained["root"], env=rank_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "step_00000006" in proc.stderr and "nothing to do" in proc.stderr
 
@@ -118,7 +114,7 @@ def test_resume_applies_the_new_learning_rate_and_logs_each_step_once(trained, t
     cfg = load_config(PretrainConfig, run / "config.yaml", [f"run_dir={run}", "max_steps=8", "optim.lr=5e-4"])
     proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", str(run / "config.yaml"), f"run_dir={run}",
                            "max_steps=8", "optim.lr=5e-4", "eval.every_steps=0"],
-                          cwd=trained["root"], env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=trained["root"], env=rank_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r for r in rows if r["kind"] == "train"}
@@ -128,7 +124,7 @@ def test_resume_applies_the_new_learning_rate_and_logs_each_step_once(trained, t
         assert train[step]["loss"] != 99.0
     # starting over in a directory that holds checkpoints is refused, nothing is touched
     again = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", str(run / "config.yaml"), f"run_dir={run}",
-                            "checkpoint.resume=none"], cwd=trained["root"], env=_env(), capture_output=True,
+                            "checkpoint.resume=none"], cwd=trained["root"], env=rank_env(), capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 2 and "already holds checkpoints (newest step_00000008)" in again.stderr
 
@@ -137,7 +133,7 @@ def test_ptrain_eval_reports_metrics(trained, tmp_path):
     out = tmp_path / "eval.json"
     proc = subprocess.run([sys.executable, "-m", "ptrain", "eval", f"export={trained['run']}",
                            f"shards=[{trained['shards']}]", "caption_filter=video [0-4]", f"out={out}"],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=rank_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "t2v  R@1" in proc.stdout and "captions matching" in proc.stdout
     result = json.loads(out.read_text())
@@ -154,7 +150,7 @@ def test_report_reads_a_real_run_and_its_eval(trained, tmp_path):
     results = tmp_path / "eval" / "results.json"
     proc = subprocess.run([sys.executable, "-m", "ptrain", "eval", f"export={trained['run']}",
                            f"shards=[{trained['shards']}]", f"out={results}"],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=rank_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text, runs, rows, series = build_report(ReportConfig(runs=[str(trained["run"]), str(results)]))
     m = json.loads(results.read_text())["all"]
@@ -174,7 +170,7 @@ def test_non_finite_loss_stops_with_a_message(tmp_path):
                  "model.frame_size=32", "model.max_words=8", f"data.sources=[{shards}]", "data.num_workers=0",
                  "engine.precision=fp32", "engine.micro_batch_size=4", "optim.lr=1e30", "optim.warmup_steps=0",
                  "checkpoint.every_steps=1", "log.tensorboard=false"]
-    proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", *overrides], env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "ptrain", "pretrain", *overrides], env=rank_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "non-finite loss or gradient at step 2" in proc.stderr
@@ -194,7 +190,6 @@ def test_reverse_frames_keeps_padding_at_the_end():
 
 def test_single_process_eval_encodes_only_real_rows(tmp_path):
     """Padding rows never reach the model in one process (they would change compat head-major scores)."""
-    import torch
 
     from ptrain.data import DataConfig, build_eval_loader
     from ptrain.evaluate import embed
@@ -223,7 +218,7 @@ def test_single_process_eval_encodes_only_real_rows(tmp_path):
                                            ("finetune", "configs/demo/finetune_tiny.yaml")])
 def test_ray_train_inside_a_launched_rank_is_refused_with_the_fix(verb, config, tmp_path):
     """ray.enabled=true in a process a launcher started would start Ray Train workers from every rank."""
-    env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+    env = dict(rank_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
     extra = ["init=tiny"] if verb == "finetune" else []
     proc = subprocess.run([sys.executable, "-m", "ptrain", verb, str(REPO / config), "ray.enabled=true",
                            f"run_dir={tmp_path / 'run'}", *extra], env=env, capture_output=True, text=True, timeout=120)

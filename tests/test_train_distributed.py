@@ -27,13 +27,9 @@ LAUNCH = REPO / "launch" / "pretrain.sh"
 STEPS = 60
 
 
-def _env(**extra):
-    return rank_env(**extra)
-
-
 def _launch(config: Path, *overrides, flags=(), env=None, timeout=300) -> subprocess.CompletedProcess:
     cmd = [str(LAUNCH), "--master-port", str(free_port()), *flags, str(config), *overrides]
-    return subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env or rank_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -60,7 +56,7 @@ def setup(tmp_path_factory):
          f"captions={sample_corpus / 'caption.json'}", f"out={shards}", "plan.num_frames=4", "plan.sampling=uniform",
          "frame_size=32", "plan.min_seconds=1.5", "plan.min_words=3", "plan.max_seconds=4", "max_samples_per_shard=16",
          "ray.num_cpus=2", "progress=false"],
-        env=_env(), capture_output=True, text=True, timeout=300)
+        env=rank_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = root / "tiny.yaml"
     config.write_text(
@@ -136,7 +132,7 @@ def _rank_pid(session: int, rank: int) -> int | None:
 def test_lost_rank_then_resume_reproduces_losses(setup, zero2):
     run = setup["root"] / "killed"
     cmd = [str(LAUNCH), "--master-port", str(free_port()), str(setup["config"]), f"run_dir={run}"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -172,7 +168,7 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(setup, zero2):
         if p.name != "step_00000020":
             shutil.rmtree(p)
     (run / "metrics.jsonl").write_text("")
-    proc = _launch(setup["config"], f"run_dir={run}", "engine.micro_batch_size=8", env=_env(NUM_GPUS="1"))
+    proc = _launch(setup["config"], f"run_dir={run}", "engine.micro_batch_size=8", env=rank_env(NUM_GPUS="1"))
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "saved on 2 rank(s) ZeRO-2 fp32, now 1 rank(s)" in proc.stderr
     ref, got = _losses(zero2[0]), _losses(run)
@@ -188,7 +184,7 @@ def test_two_nodes_launched_separately_without_ssh(setup, zero2):
     procs = [
         subprocess.Popen([str(LAUNCH), "--hostfile", str(hostfile), "--no-ssh", "--node-rank", str(r),
                           "--master-addr", "127.0.0.1", "--master-port", port, str(setup["config"]), f"run_dir={run}"],
-                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for r in (0, 1)
     ]
     errs = [p.communicate(timeout=300)[1] for p in procs]
